@@ -1,0 +1,13 @@
+"""The V3 extension: the list of the pack's nodes."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+
+class ProLoRAExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return []
+
+
+async def comfy_entrypoint() -> ProLoRAExtension:
+    return ProLoRAExtension()

@@ -1,0 +1,126 @@
+"""On-disk cache of bases, keyed by a weight's content and by every setting that changes a basis.
+
+Layout: ``<root>/bases/<settings key>/<aa>/<content key>.safetensors`` holding ``U``, ``S``, ``V``
+(in the compute dtype) and metadata with a checksum of the three tensors. An entry is served for any k up to
+the one it holds. A corrupt, truncated or stale entry (checksum, shapes or settings disagree) is
+deleted and recomputed. Writes go to a temporary file that is then renamed into place, so readers
+never see a partial entry and two processes may fill the cache at once (the last rename wins, and
+both entries are equal).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import xxhash
+
+from .basis import Basis, BasisSettings
+from .safetensors_io import atomic_save
+
+log = logging.getLogger("prolora")
+ENTRY_FORMAT = "prolora-basis-1"
+
+
+def default_cache_dir() -> Path:
+    """``$PROLORA_CACHE_DIR``, else the platform's user cache folder + ``/prolora``."""
+    env = os.environ.get("PROLORA_CACHE_DIR")
+    if env:
+        return Path(env)
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "prolora" / "cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "prolora"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prolora"
+
+
+def _checksum(*tensors: torch.Tensor) -> str:
+    h = xxhash.xxh3_128()
+    for t in tensors:
+        h.update(t.contiguous().view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    rebuilt: int = 0
+
+
+class BasisCache:
+    """Bases on disk under ``root`` for one :class:`BasisSettings`."""
+
+    def __init__(self, root: str | Path, settings: BasisSettings) -> None:
+        self.root = Path(root)
+        self.settings = settings
+        self.folder = self.root / "bases" / settings.key()
+        self.stats = CacheStats()
+
+    @property
+    def memo_dir(self) -> Path:
+        return self.root / "files"
+
+    def _path(self, content_key: str) -> Path:
+        return self.folder / content_key[:2] / f"{content_key}.safetensors"
+
+    def load(self, content_key: str, k: int, shape: tuple[int, ...]) -> Basis | None:
+        """The cached basis truncated to ``k``, or ``None`` (a bad entry is removed)."""
+        path = self._path(content_key)
+        if not path.exists():
+            self.stats.misses += 1
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                U, S, V = f.get_tensor("U"), f.get_tensor("S"), f.get_tensor("V")
+            info = json.loads(meta["info"])
+            ok = (
+                meta.get("format") == ENTRY_FORMAT
+                and meta.get("settings") == self.settings.key()
+                and meta.get("content_key") == content_key
+                and tuple(info["shape"]) == tuple(shape)
+                and U.ndim == 2 and V.ndim == 2 and S.ndim == 1
+                and U.shape[1] == V.shape[1] == S.shape[0]
+                and meta.get("checksum") == _checksum(U, S, V)
+            )
+        except Exception as e:  # any unreadable entry is treated as corrupt
+            ok, info = False, {}
+            log.warning("prolora: basis cache entry %s is unreadable (%s); recomputing", path, e)
+        if not ok:
+            self.stats.rebuilt += 1
+            path.unlink(missing_ok=True)
+            return None
+        if U.shape[1] < k:
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        basis = Basis(U, S, V, tuple(info["shape"]), info["method"], int(info["iterations"]), float(info["subspace_change"]))
+        return basis.truncate(k)
+
+    def store(self, content_key: str, basis: Basis) -> None:
+        """Publish ``basis`` atomically (best effort: a read-only cache folder only logs a warning)."""
+        path = self._path(content_key)
+        U, S, V = (t.detach().to("cpu").contiguous() for t in (basis.U, basis.S, basis.V))
+        info = {"shape": list(basis.shape), "method": basis.method, "iterations": basis.iterations, "subspace_change": basis.subspace_change}
+        meta = {"format": ENTRY_FORMAT, "settings": self.settings.key(), "content_key": content_key,
+                "checksum": _checksum(U, S, V), "info": json.dumps(info, sort_keys=True)}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save({"U": U, "S": S, "V": V}, path, meta)
+        except OSError as e:
+            log.warning("prolora: cannot write basis cache entry %s (%s)", path, e)
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root / "bases", ignore_errors=True)
+        shutil.rmtree(self.memo_dir, ignore_errors=True)

@@ -1,0 +1,296 @@
+"""Command line: ``python -m prolora_core {transfer,similarity,inspect,cache}``.
+
+Scope: base files are safetensors whose module weights are ``<module>.weight``; LoRA module names
+are matched to them directly, through a known prefix (``diffusion_model.``,
+``model.diffusion_model.``, ``unet.``) or through kohya's underscore naming. LoRAs named in another
+scheme than their checkpoint (kohya diffusers-style names on an LDM checkpoint) need the ComfyUI
+nodes, which use ComfyUI's own key mapping.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .basis import BasisSettings
+from .cache import BasisCache, default_cache_dir
+from .errors import ProLoRAError
+from .lora import LoraFile, read_lora
+from .names import BaseIndex
+from .projection import MODES
+from .provenance import output_metadata
+from .safetensors_io import atomic_save, check_output_path, metadata_json
+from .transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, ModuleReport, TransferConfig, plan_by_names, transfer
+from .weights import SafetensorsWeights
+
+EXIT_ERROR = 2
+EXIT_NOTHING = 1
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+class _Progress:
+    """Progress lines on stderr, at most ~20 per run."""
+
+    def __init__(self, what: str) -> None:
+        self.what, self.last = what, -1
+
+    def __call__(self, i: int, total: int, key: str) -> None:
+        pct = (100 * (i + 1)) // max(total, 1)
+        if total >= 20 and pct // 5 != self.last:
+            self.last = pct // 5
+            print(f"[prolora] {self.what} {i + 1}/{total} ({pct}%) {key}", file=sys.stderr, flush=True)
+
+
+def _lora_paths(items: Sequence[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(p.glob("*.safetensors"))
+            if not found:
+                raise ProLoRAError("folder holds no .safetensors LoRA", file=p)
+            paths += found
+        else:
+            paths.append(p)
+    return paths
+
+
+def _basis_settings(args: argparse.Namespace) -> BasisSettings:
+    return BasisSettings(method=args.basis_method, seed=args.seed,
+                         compute_dtype=torch.float64 if args.compute_dtype == "float64" else torch.float32)
+
+
+def _cache(args: argparse.Namespace, settings: BasisSettings) -> BasisCache | None:
+    if args.no_cache:
+        return None
+    return BasisCache(Path(args.cache_dir) if args.cache_dir else default_cache_dir(), settings)
+
+
+def _add_basis_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--subspace-rank", type=int, default=None, help="k, the subspace dimension (default: min(64, min(m, n) // 4) per module; clamped to min(m, n) - 1)")
+    p.add_argument("--basis-method", choices=("auto", "exact", "randomized"), default="auto", help="how the top-k bases are computed (default auto)")
+    p.add_argument("--compute-dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomized range finder")
+    p.add_argument("--cache-dir", default=None, help=f"basis cache folder (default {default_cache_dir()})")
+    p.add_argument("--no-cache", action="store_true", help="compute every basis, read and write no cache")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    paths = _lora_paths(args.lora)
+    if len(paths) > 1 and not args.out_dir:
+        raise ProLoRAError("several LoRAs need --out-dir (a folder), not --out")
+    if len(paths) == 1 and not (args.out or args.out_dir):
+        raise ProLoRAError("give --out (a file) or --out-dir (a folder)")
+    settings = _basis_settings(args)
+    config = TransferConfig(mode=args.mode, subspace_rank=args.subspace_rank, threshold=args.threshold, pairing=args.pairing,
+                            out_rank=args.out_rank, rescale_to_source_norm=args.rescale, strict=args.strict, device=args.device, basis=settings)
+    inputs = [args.source_base, args.target_base, *paths]
+    if args.out_dir:
+        out_dir = Path(args.out_dir)
+        if not out_dir.is_dir():
+            raise ProLoRAError("output folder does not exist", file=out_dir)
+        outs = [check_output_path(out_dir / f"{p.stem}{args.suffix}.safetensors", inputs) for p in paths]
+    else:
+        outs = [check_output_path(args.out, inputs)]
+    if args.report:
+        check_output_path(args.report, inputs)
+    cache = _cache(args, settings)
+    memo = cache.memo_dir if cache is not None else None
+    source = SafetensorsWeights(args.source_base, memo)
+    target = SafetensorsWeights(args.target_base, memo)
+    loras: list[LoraFile] = [read_lora(p) for p in paths]
+    for lora in loras:
+        if lora.unknown_keys:
+            _warn(f"{lora.path}: {len(lora.unknown_keys)} keys are not LoRA factors and are left out: {', '.join(lora.unknown_keys[:5])}")
+    plan = plan_by_names(loras, source)
+    missing = [p for p in plan if p.source_key is None]
+    if missing:
+        names = ", ".join(f"'{p.module.name}'" for p in missing[:5])
+        msg = f"{len(missing)} LoRA modules have no weight in {source.label}: {names}"
+        if args.strict:
+            raise ProLoRAError(msg + " (--strict)", file=loras[missing[0].lora_index].path)
+        _warn(msg)
+    results, stats = transfer(loras, plan, source, target, config, cache, progress=_Progress("module"))
+    source.save_memo()
+    target.save_memo()
+    all_modules: list[ModuleReport] = []
+    any_done = False
+    for result, out in zip(results, outs):
+        summary = result.summary()
+        all_modules += result.modules
+        if summary["transferred"] == 0:
+            _warn(f"{result.lora.path}: no module could be transferred; nothing written for it")
+            continue
+        any_done = True
+        meta = output_metadata(result, source.label, target.label, config)
+        atomic_save(result.tensors, out, meta)
+        print(f"wrote {out}: {summary['transferred']}/{summary['modules']} modules transferred ({config.mode})", file=sys.stderr)
+        skipped = [m for m in result.modules if not m.transferred and m.source_key is not None]
+        if skipped:
+            _warn(f"{len(skipped)} modules not transferred: " + ", ".join(f"{m.source} ({m.reason})" for m in skipped[:5]))
+    if args.report:
+        report = {
+            "modules": [m.as_dict() for m in all_modules],
+            "summary": {
+                "mode": config.mode, "threshold": config.threshold, "pairing": config.pairing,
+                "subspace_rank": config.subspace_rank, "source_base": source.label, "target_base": target.label,
+                "loras": {str(r.lora.path): r.summary() for r in results},
+                "transferred": sum(m.transferred for m in all_modules), "modules": len(all_modules),
+                "svd_computed": stats.svd_computed, "bases_from_cache": stats.bases_from_cache, "seconds": round(stats.seconds, 4),
+                "worst_subspace_change": stats.worst_subspace_change,
+            },
+        }
+        tmp = Path(args.report)
+        atomic_write_text(tmp, json.dumps(report, indent=2, sort_keys=True))
+    if not any_done:
+        _err("no module could be transferred (see the warnings above)")
+        return EXIT_NOTHING
+    return 0
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def cmd_similarity(args: argparse.Namespace) -> int:
+    from .basis import compute_basis
+    from .linalg import matrix_shape, resolve_device
+    from .similarity import basis_similarity
+    from .transfer import BasisProvider
+
+    settings = _basis_settings(args)
+    cache = _cache(args, settings)
+    memo = cache.memo_dir if cache is not None else None
+    source = SafetensorsWeights(args.source_base, memo)
+    target = SafetensorsWeights(args.target_base, memo)
+    provider = BasisProvider(settings, resolve_device(args.device), cache)
+    tindex, sindex = BaseIndex(target.keys()), BaseIndex(source.keys())
+    config = TransferConfig(subspace_rank=args.subspace_rank)
+    rows = []
+    keys = [k for k in source.keys() if k.endswith(".weight") and len(source.shape(k)) in (2, 4) and min(matrix_shape(source.shape(k))) > 1]
+    progress = _Progress("module")
+    for i, key in enumerate(keys):
+        progress(i, len(keys), key)
+        tkey = tindex.find_bare(sindex.bare_name(key))
+        if tkey is None or matrix_shape(target.shape(tkey)) != matrix_shape(source.shape(key)):
+            rows.append({"module": sindex.bare_name(key), "similarity_u": None, "similarity_v": None, "note": "not in target"})
+            continue
+        m, n = matrix_shape(source.shape(key))
+        k = config.rank_for(m, n)
+        s = basis_similarity(provider.get(source, key, k), provider.get(target, tkey, k))
+        rows.append({"module": sindex.bare_name(key), "similarity_u": s.phi_u, "similarity_v": s.phi_v, "chance_u": s.chance_u,
+                     "chance_v": s.chance_v, "k": k, "shape": [m, n]})
+    source.save_memo()
+    target.save_memo()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'module':60s} {'k':>4s} {'Φ_U':>6s} {'Φ_V':>6s} {'chance':>7s}")
+        for r in rows:
+            if r["similarity_u"] is None:
+                print(f"{r['module']:60s}    -      -      -  ({r['note']})")
+            else:
+                print(f"{r['module']:60s} {r['k']:4d} {r['similarity_u']:6.3f} {r['similarity_v']:6.3f} {max(r['chance_u'], r['chance_v']):7.3f}")
+    _ = compute_basis
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    lora = read_lora(args.lora)
+    info = {
+        "file": str(lora.path), "modules": len(lora.modules), "dtype": str(lora.dtype).removeprefix("torch."),
+        "ranks": sorted({m.rank for m in lora.modules.values()}),
+        "alphas": sorted({m.alpha for m in lora.modules.values() if m.alpha is not None}),
+        "conv_modules": sum(m.is_conv for m in lora.modules.values()),
+        "unknown_keys": lora.unknown_keys, "metadata_keys": sorted(lora.metadata),
+        "module_names": sorted(lora.modules)[: args.limit],
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    cache = BasisCache(root, BasisSettings())
+    if args.clear:
+        cache.clear()
+        print(f"cleared {root}")
+    else:
+        print(f"{root}: {cache.size_bytes() / 2**20:.1f} MiB" if root.exists() else f"{root}: empty")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m prolora_core", description="Training-free LoRA transfer between related base models (ProLoRA, arXiv 2506.04244).",
+                                 epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("transfer", help="transfer LoRA(s) from a source base to a target base")
+    t.add_argument("--source-base", required=True, help="safetensors file of the base the LoRA was trained on")
+    t.add_argument("--target-base", required=True, help="safetensors file of the base to transfer to")
+    t.add_argument("--lora", required=True, action="append", help="LoRA safetensors file or folder (repeatable)")
+    t.add_argument("--out", help="output file (one LoRA)")
+    t.add_argument("--out-dir", help="output folder (several LoRAs); files are named <lora><suffix>.safetensors")
+    t.add_argument("--suffix", default="_prolora")
+    t.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=f"projection (default {DEFAULT_MODE})")
+    t.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="a module transfers when Φ_U and Φ_V both reach it (default 0.8)")
+    t.add_argument("--pairing", choices=PAIRINGS, default="name", help="pair modules by name, or each with its most similar same-shape target module")
+    t.add_argument("--out-rank", type=int, default=None, help="re-compress each module to this rank (reports the energy dropped)")
+    t.add_argument("--rescale", action="store_true", help="rescale each transferred module to its source norm")
+    t.add_argument("--strict", action="store_true", help="a LoRA module without a base weight is an error")
+    t.add_argument("--report", help="write the per-module report as JSON")
+    _add_basis_args(t)
+    t.set_defaults(func=cmd_transfer)
+    s = sub.add_parser("similarity", help="per-module subspace similarity Φ between two bases")
+    s.add_argument("--source-base", required=True)
+    s.add_argument("--target-base", required=True)
+    s.add_argument("--json", action="store_true")
+    _add_basis_args(s)
+    s.set_defaults(func=cmd_similarity)
+    i = sub.add_parser("inspect", help="what a LoRA file holds")
+    i.add_argument("lora")
+    i.add_argument("--limit", type=int, default=20)
+    i.set_defaults(func=cmd_inspect)
+    c = sub.add_parser("cache", help="show or clear the basis cache")
+    c.add_argument("--cache-dir", default=None)
+    c.add_argument("--clear", action="store_true")
+    c.set_defaults(func=cmd_cache)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "threshold", 0.5) is not None and not 0 <= getattr(args, "threshold", 0.5) <= 1:
+            raise ProLoRAError(f"--threshold must lie in [0, 1], got {args.threshold}")
+        if getattr(args, "subspace_rank", None) is not None and args.subspace_rank <= 0:
+            raise ProLoRAError(f"--subspace-rank must be positive, got {args.subspace_rank}")
+        return int(args.func(args))
+    except ProLoRAError as e:
+        _err(str(e))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _err("interrupted; nothing was written")
+        return 130
+    except torch.cuda.OutOfMemoryError as e:
+        _err(f"out of GPU memory ({e}); try --device cpu")
+        return EXIT_ERROR

@@ -1,0 +1,55 @@
+"""Small tensor helpers shared by the math modules: matrix views of weights, projectors, devices.
+
+Conventions: a module weight is ``W`` of shape ``[m, n]`` (linear) or ``[out, in, kh, kw]`` (conv),
+seen as the matrix ``out × (in·kh·kw)``. A basis ``U`` is ``m × k`` with orthonormal columns, so
+``P_U X = U (Uᵀ X)`` and ``P_U⊥ X = X − U (Uᵀ X)``; no ``m × m`` projector is ever formed.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def as_matrix(weight: Tensor) -> Tensor:
+    """``[out, in, *kernel]`` → ``[out, in·prod(kernel)]``; a 2-D tensor is returned as is."""
+    if weight.ndim < 2:
+        raise ValueError(f"a module weight needs at least 2 dimensions, got shape {tuple(weight.shape)}")
+    return weight if weight.ndim == 2 else weight.reshape(weight.shape[0], -1)
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The ``(m, n)`` of :func:`as_matrix` for a weight of ``shape``."""
+    n = 1
+    for d in shape[1:]:
+        n *= int(d)
+    return int(shape[0]), n
+
+
+def project_left(U: Tensor, X: Tensor) -> Tensor:
+    """``P_U X = U (Uᵀ X)`` for ``U`` ``m × k`` and ``X`` ``m × r``."""
+    return U @ (U.T @ X)
+
+
+def project_left_perp(U: Tensor, X: Tensor) -> Tensor:
+    """``P_U⊥ X = X − U (Uᵀ X)``."""
+    return X - U @ (U.T @ X)
+
+
+def project_right(X: Tensor, V: Tensor) -> Tensor:
+    """``X P_V = (X V) Vᵀ`` for ``X`` ``r × n`` and ``V`` ``n × k``."""
+    return (X @ V) @ V.T
+
+
+def project_right_perp(X: Tensor, V: Tensor) -> Tensor:
+    """``X P_V⊥ = X − (X V) Vᵀ``."""
+    return X - (X @ V) @ V.T
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/``None`` → CUDA when present, else CPU; anything else as given."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    return dev

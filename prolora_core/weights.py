@@ -1,0 +1,104 @@
+"""Where module weights come from: a protocol, and its safetensors-file implementation.
+
+The engine reads one module weight at a time through :class:`WeightSource`, so two full models
+are never held in memory. ``content_key`` identifies a weight's bytes (dtype and shape included)
+for the basis cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import xxhash
+from torch import Tensor
+
+from .errors import ProLoRAError
+from .safetensors_io import SafetensorsReader
+
+
+class WeightSource(Protocol):
+    """A model's module weights, read lazily."""
+
+    label: str
+
+    def keys(self) -> list[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def get(self, key: str) -> Tensor: ...
+
+    def content_key(self, key: str) -> str: ...
+
+
+def content_key_of_bytes(data: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> str:
+    """xxh3-128 of the raw bytes, with dtype and shape: equal keys mean equal weights."""
+    h = xxhash.xxh3_128()
+    h.update(f"{dtype}:{list(shape)}:".encode())
+    h.update(data)
+    return h.hexdigest()
+
+
+def content_key_of_tensor(t: Tensor) -> str:
+    """:func:`content_key_of_bytes` of an in-memory tensor (any dtype)."""
+    flat = t.detach().contiguous().reshape(-1).cpu()
+    return content_key_of_bytes(flat.view(torch.uint8).numpy().data, str(t.dtype).removeprefix("torch."), tuple(t.shape))
+
+
+class SafetensorsWeights:
+    """Module weights of a base model stored as safetensors (``<module>.weight`` keys).
+
+    Content keys hash the tensor's bytes on disk. With ``memo_dir`` set, the keys of a file are
+    remembered under its identity (path, size, mtime, inode) and re-used while that identity and
+    a hash of the file's header still match, so a warm run hashes no weights.
+    """
+
+    def __init__(self, path: str | Path, memo_dir: Path | None = None) -> None:
+        self.reader = SafetensorsReader(path)
+        self.path = self.reader.path
+        self.label = self.path.name
+        self._memo_path: Path | None = None
+        self._memo: dict[str, str] = {}
+        self._memo_dirty = False
+        if memo_dir is not None:
+            st = self.path.stat()
+            ident = f"{self.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{xxhash.xxh3_128_hexdigest(self.reader.header.header_bytes)}"
+            self._memo_path = memo_dir / f"{xxhash.xxh3_128_hexdigest(ident.encode())}.json"
+            try:
+                self._memo = json.loads(self._memo_path.read_text())
+            except (OSError, ValueError):
+                self._memo = {}
+
+    def keys(self) -> list[str]:
+        return self.reader.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.reader.header.tensors[key].shape
+
+    def get(self, key: str) -> Tensor:
+        t = self.reader.get(key)
+        if not torch.is_floating_point(t):
+            raise ProLoRAError(f"base weight has dtype {t.dtype}; fp8/quantized or integer bases are not supported", file=self.path, key=key)
+        return t
+
+    def content_key(self, key: str) -> str:
+        if key not in self._memo:
+            info = self.reader.header.tensors[key]
+            self._memo[key] = content_key_of_bytes(self.reader.raw_bytes(key), info.dtype, info.shape)
+            self._memo_dirty = True
+        return self._memo[key]
+
+    def save_memo(self) -> None:
+        """Persist the remembered content keys (atomic; best effort: a read-only cache is fine)."""
+        if self._memo_path is None or not self._memo_dirty:
+            return
+        try:
+            self._memo_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._memo_path.with_name(f".{self._memo_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self._memo, sort_keys=True))
+            os.replace(tmp, self._memo_path)
+            self._memo_dirty = False
+        except OSError:
+            pass
