@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import lora_nodes, transfer_nodes
+
 
 class ProLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return []
+        return [*transfer_nodes.NODES, *lora_nodes.NODES]
 
 
 async def comfy_entrypoint() -> ProLoRAExtension:

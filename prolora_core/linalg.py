@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .errors import ProLoRAError
+
 
 def as_matrix(weight: Tensor) -> Tensor:
     """``[out, in, *kernel]`` → ``[out, in·prod(kernel)]``; a 2-D tensor is returned as is."""
@@ -51,5 +53,5 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+        raise ProLoRAError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto")
     return dev

@@ -46,6 +46,22 @@ UNSUPPORTED_PARTS: tuple[tuple[str, str], ...] = (
 )
 
 
+def unsupported_part(key: str) -> str | None:
+    """What unsupported adapter part ``key`` is, or ``None``.
+
+    A part matches whole name components only: ``.diff`` matches ``m.diff`` but not
+    ``model.diffusion_model.m…``; parts ending in ``.`` or ``_`` (``.lora_mid.``, ``.hada_``) are prefixes
+    of a component.
+    """
+    for part, what in UNSUPPORTED_PARTS:
+        if part.endswith((".", "_")):
+            if part in key:
+                return what
+        elif key.endswith(part) or part + "." in key:
+            return what
+    return None
+
+
 @dataclass(frozen=True)
 class LoraModule:
     """One adapted module: ``ΔW = (alpha / r) · up @ down`` in the module's own shape.
@@ -106,9 +122,9 @@ def parse_state_dict(state: dict[str, Tensor], path: Path | None = None, metadat
     if not state:
         raise ProLoRAError("the file holds no tensors", file=where)
     for key in state:
-        for part, what in UNSUPPORTED_PARTS:
-            if part in key:
-                raise ProLoRAError(f"{what} is not supported yet; only plain LoRA/LoCon factors are", file=where, key=key)
+        what = unsupported_part(key)
+        if what is not None:
+            raise ProLoRAError(f"{what} is not supported yet; only plain LoRA/LoCon factors are", file=where, key=key)
     ups: dict[str, str] = {}
     downs: dict[str, str] = {}
     alphas: dict[str, str] = {}

@@ -112,7 +112,7 @@ class TransferResult:
             "repaired": sum(m.repaired for m in self.modules),
             "norm_ratio": (out / src) if src > 0 else None,
             "energy_dropped": self.energy_dropped,
-            "output_modules": len({k.rsplit(".", 2)[0] for k in self.tensors}),
+            "output_modules": sum(k.endswith(".lora_down.weight") for k in self.tensors),
         }
 
 
@@ -191,6 +191,140 @@ def check_fits(lora: LoraFile, mod: LoraModule, weight_shape: tuple[int, ...], b
         raise ProLoRAError(f"rank {mod.rank} is larger than the weight allows (min of {mod.matrix_shape})", file=where, key=mod.down_key)
 
 
+@dataclass
+class ModuleMatch:
+    """Where one source weight goes: its target weight, Φ, and the bases the projection needs."""
+
+    source_key: str
+    target_key: str | None
+    name_key: str | None  # the target weight of the same name, when there is one
+    k: int
+    similarity: Similarity | None = None
+    source_basis: Basis | None = None
+    target_basis: Basis | None = None
+    reason: str = ""
+
+    @property
+    def repaired(self) -> bool:
+        return self.target_key is not None and self.target_key != self.name_key
+
+    def passes(self, config: "TransferConfig") -> bool:
+        if self.target_key is None:
+            return False
+        return config.mode == "copy" or (self.similarity is not None and self.similarity.passes(config.threshold))
+
+
+def match_modules(
+    source_keys: Sequence[str],
+    source: WeightSource,
+    target: WeightSource,
+    config: TransferConfig,
+    cache: BasisCache | None = None,
+    progress: ProgressFn | None = None,
+    check_interrupt: Callable[[], None] | None = None,
+) -> tuple[dict[str, ModuleMatch], RunStats]:
+    """Bases of each source weight in ``source_keys`` and of its target weight, paired and compared.
+
+    Name pairing compares ``a.b.weight`` with the target's ``a.b.weight``; similarity pairing
+    compares it with every target weight of the same shape and keeps the most similar one (this
+    needs the bases of all those candidates: one basis per candidate, computed once per run).
+    """
+    t0 = time.perf_counter()
+    provider = BasisProvider(config.basis, resolve_device(config.device), cache)
+    target_index, source_index = BaseIndex(target.keys()), BaseIndex(source.keys())
+    candidates = _candidates(target) if config.pairing == "similarity" else {}
+    cand_bases: dict[tuple[str, int], Basis] = {}
+    matches: dict[str, ModuleMatch] = {}
+    unique = list(dict.fromkeys(source_keys))
+    for step, skey in enumerate(unique):
+        if check_interrupt is not None:
+            check_interrupt()
+        if progress is not None:
+            progress(step, len(unique), skey)
+        sshape = source.shape(skey)
+        m, n = matrix_shape(sshape)
+        name_key = target_index.find_bare(source_index.bare_name(skey))
+        same_shape = name_key is not None and matrix_shape(target.shape(name_key)) == (m, n)
+        match = ModuleMatch(skey, None, name_key, config.rank_for(m, n))
+        matches[skey] = match
+        if config.mode == "copy":
+            match.target_key = name_key if same_shape else None
+            match.reason = "" if same_shape else "target has no weight of that name and shape"
+            continue
+        if config.pairing == "name" and not same_shape:
+            match.reason = "target has no weight of that name" if name_key is None else f"target weight has another shape {list(target.shape(name_key))}"
+            continue
+        match.source_basis = provider.get(source, skey, match.k)
+        if config.pairing == "name":
+            match.target_key, match.target_basis = name_key, provider.get(target, name_key, match.k)  # type: ignore[arg-type]
+            match.similarity = basis_similarity(match.source_basis, match.target_basis)
+            continue
+        for ckey in candidates.get(_shape_class(sshape), []):
+            cb = cand_bases.get((ckey, match.k))
+            if cb is None:
+                cb = cand_bases[(ckey, match.k)] = provider.get(target, ckey, match.k)
+            s = basis_similarity(match.source_basis, cb)
+            if match.similarity is None or s.phi > match.similarity.phi:
+                match.target_key, match.similarity, match.target_basis = ckey, s, cb
+        match.reason = "" if match.target_key else "target has no weight of that shape"
+    provider.stats.seconds = time.perf_counter() - t0
+    return matches, provider.stats
+
+
+NameFn = Callable[[Planned, ModuleMatch], str]
+
+
+def default_output_name(p: Planned, match: ModuleMatch) -> str:
+    """The input's own module name, or the target module's name in the input's style when re-paired."""
+    if not match.repaired:
+        return p.module.name
+    return name_style(p.module.name).encode(BaseIndex([match.target_key]).bare_name(match.target_key))  # type: ignore[list-item,arg-type]
+
+
+def project_loras(loras: Sequence[LoraFile], plan: Sequence[Planned], matches: dict[str, ModuleMatch], config: TransferConfig,
+                  check_interrupt: Callable[[], None] | None = None, output_name: NameFn = default_output_name) -> list[TransferResult]:
+    """Project every planned LoRA module with its match; modules that do not pass are reported.
+
+    ``output_name`` names each output module (default: as in the input). Updates that land on the
+    same output module are summed."""
+    reports: list[list[ModuleReport]] = [[] for _ in loras]
+    pieces: list[dict[str, list[tuple[Factors, LoraModule]]]] = [{} for _ in loras]
+    for p in plan:
+        if check_interrupt is not None:
+            check_interrupt()
+        lora = loras[p.lora_index]
+        f = p.module.factors()
+        rep = ModuleReport(str(lora.path or "<LoRA>"), p.module.name, None, p.source_key, None, False, "no base weight",
+                           source_norm=f.frobenius_norm())
+        reports[p.lora_index].append(rep)
+        match = matches.get(p.source_key) if p.source_key is not None else None
+        if match is None:
+            continue
+        rep.reason = match.reason
+        if match.similarity is not None:
+            s = match.similarity
+            rep.similarity_u, rep.similarity_v, rep.chance_u, rep.chance_v, rep.subspace_rank = s.phi_u, s.phi_v, s.chance_u, s.chance_v, match.k
+        if match.target_key is None:
+            continue
+        if not match.passes(config):
+            rep.reason = "below threshold"
+            continue
+        out = f if config.mode == "copy" else project(f, match.source_basis, match.target_basis, config.mode)  # type: ignore[arg-type]
+        out = Factors(out.up.to("cpu", torch.float32), out.down.to("cpu", torch.float32), out.scale)
+        norm = out.frobenius_norm()
+        if config.rescale_to_source_norm and norm > 0:
+            out = Factors(out.up, out.down, out.scale * rep.source_norm / norm)
+            norm = rep.source_norm
+        rep.transferred, rep.reason, rep.transferred_norm = True, "transferred", norm
+        rep.target_key, rep.target, rep.repaired = match.target_key, BaseIndex([match.target_key]).bare_name(match.target_key), match.repaired
+        pieces[p.lora_index].setdefault(output_name(p, match), []).append((out, p.module))
+    results = []
+    for i, lora in enumerate(loras):
+        tensors, dropped = _assemble(lora, pieces[i], config)
+        results.append(TransferResult(lora, tensors, reports[i], dropped))
+    return results
+
+
 def transfer(
     loras: Sequence[LoraFile],
     plan: Sequence[Planned],
@@ -201,73 +335,24 @@ def transfer(
     progress: ProgressFn | None = None,
     check_interrupt: Callable[[], None] | None = None,
 ) -> tuple[list[TransferResult], RunStats]:
-    """Transfer every planned module; one pass over the source weights serves all LoRAs."""
-    t0 = time.perf_counter()
-    device = resolve_device(config.device)
-    provider = BasisProvider(config.basis, device, cache)
-    target_index = BaseIndex(target.keys())
-    source_index = BaseIndex(source.keys())
-    reports: list[list[ModuleReport]] = [[] for _ in loras]
-    pieces: list[dict[str, list[tuple[Factors, LoraModule]]]] = [{} for _ in loras]
-    groups: dict[str, list[Planned]] = {}
+    """Check the plan, match the touched source weights, project every LoRA: one pass over the
+    bases serves all LoRAs."""
     for p in plan:
-        lora = loras[p.lora_index]
-        if p.source_key is None:
-            reports[p.lora_index].append(ModuleReport(str(lora.path or "<LoRA>"), p.module.name, None, None, None, False, "no base weight",
-                                                      source_norm=p.module.factors().frobenius_norm()))
-            continue
-        check_fits(lora, p.module, source.shape(p.source_key), source.label)
-        groups.setdefault(p.source_key, []).append(p)
-    candidates = _candidates(target, config) if config.pairing == "similarity" else {}
-    cand_bases: dict[tuple[str, int], Basis] = {}
-    for step, (skey, members) in enumerate(groups.items()):
-        if check_interrupt is not None:
-            check_interrupt()
-        if progress is not None:
-            progress(step, len(groups), skey)
-        sshape = source.shape(skey)
-        m, n = matrix_shape(sshape)
-        k = config.rank_for(m, n)
-        name_key = target_index.find_bare(source_index.bare_name(skey))
-        tkey, sim, sbasis, tbasis, reason = None, None, None, None, ""
-        if config.mode == "copy":
-            tkey = name_key if name_key is not None and matrix_shape(target.shape(name_key)) == (m, n) else None
-            reason = "" if tkey else "target has no weight of that name and shape"
-        else:
-            sbasis = provider.get(source, skey, k)
-            if config.pairing == "similarity":
-                best = None
-                for ckey in candidates.get(_shape_class(sshape), []):
-                    cb = cand_bases.get((ckey, k))
-                    if cb is None:
-                        cb = cand_bases[(ckey, k)] = provider.get(target, ckey, k)
-                    s = basis_similarity(sbasis, cb)
-                    if best is None or s.phi > best[1].phi:
-                        best = (ckey, s, cb)
-                if best is not None:
-                    tkey, sim, tbasis = best
-                reason = "" if tkey else "target has no weight of that shape"
-            elif name_key is not None and matrix_shape(target.shape(name_key)) == (m, n):
-                tkey = name_key
-                tbasis = provider.get(target, tkey, k)
-                sim = basis_similarity(sbasis, tbasis)
-            else:
-                reason = "target has no weight of that name" if name_key is None else f"target weight has another shape {list(target.shape(name_key))}"
-        for p in members:
-            _transfer_one(p, loras, skey, tkey, name_key, sim, sbasis, tbasis, k, reason, config, reports, pieces)
-    results = []
-    for i, lora in enumerate(loras):
-        tensors, dropped = _assemble(lora, pieces[i], config)
-        results.append(TransferResult(lora, tensors, reports[i], dropped))
-    provider.stats.seconds = time.perf_counter() - t0
-    return results, provider.stats
+        if p.source_key is not None:
+            check_fits(loras[p.lora_index], p.module, source.shape(p.source_key), source.label)
+    keys = [p.source_key for p in plan if p.source_key is not None]
+    matches, stats = match_modules(keys, source, target, config, cache, progress, check_interrupt)
+    t0 = time.perf_counter()
+    results = project_loras(loras, plan, matches, config, check_interrupt)
+    stats.seconds += time.perf_counter() - t0
+    return results, stats
 
 
 def _shape_class(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (len(shape), *matrix_shape(shape))
 
 
-def _candidates(target: WeightSource, config: TransferConfig) -> dict[tuple[int, ...], list[str]]:
+def _candidates(target: WeightSource) -> dict[tuple[int, ...], list[str]]:
     """Target weights by shape class: what similarity pairing may choose from."""
     out: dict[tuple[int, ...], list[str]] = {}
     for key in target.keys():
@@ -275,35 +360,6 @@ def _candidates(target: WeightSource, config: TransferConfig) -> dict[tuple[int,
         if key.endswith(".weight") and len(shape) in (2, 4) and min(matrix_shape(shape)) > 1:
             out.setdefault(_shape_class(shape), []).append(key)
     return out
-
-
-def _transfer_one(p: Planned, loras: Sequence[LoraFile], skey: str, tkey: str | None, name_key: str | None, sim: Similarity | None,
-                  sbasis: Basis | None, tbasis: Basis | None, k: int, reason: str, config: TransferConfig,
-                  reports: list[list[ModuleReport]], pieces: list[dict[str, list[tuple[Factors, LoraModule]]]]) -> None:
-    lora = loras[p.lora_index]
-    f = p.module.factors()
-    rep = ModuleReport(str(lora.path or "<LoRA>"), p.module.name, None, skey, None, False, reason, source_norm=f.frobenius_norm())
-    if sim is not None:
-        rep.similarity_u, rep.similarity_v, rep.chance_u, rep.chance_v = sim.phi_u, sim.phi_v, sim.chance_u, sim.chance_v
-        rep.subspace_rank = k
-    reports[p.lora_index].append(rep)
-    if tkey is None:
-        return
-    if config.mode != "copy" and sim is not None and not sim.passes(config.threshold):
-        rep.reason = "below threshold"
-        return
-    out = f if config.mode == "copy" else project(f, sbasis, tbasis, config.mode)  # type: ignore[arg-type]
-    out = Factors(out.up.to("cpu", torch.float32), out.down.to("cpu", torch.float32), out.scale)
-    norm = out.frobenius_norm()
-    if config.rescale_to_source_norm and norm > 0:
-        out = Factors(out.up, out.down, out.scale * rep.source_norm / norm)
-        norm = rep.source_norm
-    rep.transferred, rep.reason, rep.transferred_norm = True, "transferred", norm
-    rep.target_key = tkey
-    rep.target = BaseIndex([tkey]).bare_name(tkey)
-    rep.repaired = tkey != name_key
-    out_name = p.module.name if not rep.repaired else name_style(p.module.name).encode(rep.target)
-    pieces[p.lora_index].setdefault(out_name, []).append((out, p.module))
 
 
 def _assemble(lora: LoraFile, pieces: dict[str, list[tuple[Factors, LoraModule]]], config: TransferConfig) -> tuple[dict[str, Tensor], float | None]:

@@ -1,0 +1,148 @@
+"""ComfyUI-side adapters for the engine: model weights as a WeightSource, ComfyUI's own LoRA key
+maps, the LORA_MODEL dict with its metadata, progress and interrupt. No math here."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import comfy.lora
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+
+from ..prolora_core.basis import BasisSettings
+from ..prolora_core.cache import BasisCache
+from ..prolora_core.weights import content_key_of_tensor
+
+UNET, CLIP = "unet", "clip"
+
+
+class LoraModel(dict):
+    """A ``LORA_MODEL`` (``dict[str, Tensor]``, what core ``LoraModelLoader``/``SaveLoRA`` take) that
+    also carries the file's metadata and, per output module, the name the input format used."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                 save_names: dict[str, str] | None = None, source_file: str | None = None) -> None:
+        super().__init__(tensors)
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.save_names: dict[str, str] = dict(save_names or {})
+        self.source_file = source_file
+
+
+class PatcherWeights:
+    """Effective weights of a ComfyUI ``ModelPatcher`` (``MODEL`` or a ``CLIP``'s patcher).
+
+    Weights are read by reference from the model's state dict (no extra copy); where the patcher
+    holds patches (merges, LoRAs) the patched weight is built for that one key with ComfyUI's own
+    ``comfy.lora.calculate_weight``.
+    """
+
+    def __init__(self, patcher: Any, label: str) -> None:
+        self.patcher = patcher
+        self.label = label
+        self._sd: dict[str, torch.Tensor] = patcher.model.state_dict()
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def keys(self) -> list[str]:
+        return list(self._sd)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._sd[key].shape)
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        w = self._sd[key]
+        patches = self.patcher.patches.get(key)
+        if patches:
+            w = comfy.lora.calculate_weight(patches, w.to(torch.float32, copy=True), key)
+        self._last = (key, w)
+        return w
+
+    def content_key(self, key: str) -> str:
+        return content_key_of_tensor(self.get(key))
+
+    def patched_keys(self) -> int:
+        return sum(1 for k in self.patcher.patches if k in self._sd)
+
+
+@dataclass
+class BasisHandle:
+    """What **Compute Basis** gives: a model's weights, ComfyUI's LoRA key maps for it, the subspace
+    rank and where bases are computed and cached. Bases themselves are computed lazily by **Match
+    Modules**, only for the modules a LoRA touches."""
+
+    label: str
+    parts: dict[str, PatcherWeights]
+    key_maps: dict[str, dict[str, str]]
+    subspace_rank: int | None
+    device: str
+    settings: BasisSettings
+    cache_dir: Path | None
+    patched: dict[str, int] = field(default_factory=dict)
+
+    def cache(self) -> BasisCache | None:
+        return BasisCache(self.cache_dir, self.settings) if self.cache_dir is not None else None
+
+    def locate(self, lora_module: str) -> tuple[str, str] | None:
+        """``(part, weight key)`` of a LoRA module name, through ComfyUI's key maps."""
+        for part, km in self.key_maps.items():
+            if lora_module in km and km[lora_module] in self.parts[part]._sd:
+                return part, km[lora_module]
+        return None
+
+
+def build_handle(model: Any, clip: Any | None, subspace_rank: int | None, device: str, cache: bool) -> BasisHandle:
+    """A :class:`BasisHandle` for a ``MODEL`` (and optional ``CLIP``)."""
+    parts = {UNET: PatcherWeights(model, _model_label(model))}
+    key_maps = {UNET: comfy.lora.model_lora_keys_unet(model.model, {})}
+    if clip is not None:
+        parts[CLIP] = PatcherWeights(clip.patcher, _model_label(model) + ":clip")
+        key_maps[CLIP] = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    return BasisHandle(
+        label=_model_label(model), parts=parts, key_maps=key_maps, subspace_rank=subspace_rank,
+        device=engine_device(device), settings=BasisSettings(), cache_dir=cache_dir() if cache else None,
+        patched={p: w.patched_keys() for p, w in parts.items()},
+    )
+
+
+def _model_label(model: Any) -> str:
+    cfg = getattr(getattr(model, "model", None), "model_config", None)
+    return type(cfg).__name__ if cfg is not None else type(model).__name__
+
+
+def engine_device(choice: str) -> str:
+    """``auto`` → ComfyUI's torch device when it is CUDA, else CPU (the engine's SVDs need LAPACK)."""
+    if choice != "auto":
+        return choice
+    dev = comfy.model_management.get_torch_device()
+    return "cuda" if getattr(dev, "type", str(dev)) == "cuda" else "cpu"
+
+
+def cache_dir() -> Path:
+    """The basis cache inside ComfyUI's user folder (``PROLORA_CACHE_DIR`` overrides)."""
+    env = os.environ.get("PROLORA_CACHE_DIR")
+    return Path(env) if env else Path(folder_paths.get_user_directory()) / "prolora" / "basis_cache"
+
+
+def native_module(part: str, weight_key: str) -> str:
+    """ComfyUI-native LoRA module name of a weight key (what ``model_lora_keys_*`` map generically)."""
+    module = weight_key[: -len(".weight")] if weight_key.endswith(".weight") else weight_key
+    return module if part == UNET else f"text_encoders.{module}"
+
+
+def progress(total: int) -> Callable[[int, int, str], None]:
+    """A ``ProgressFn`` that drives ComfyUI's progress bar."""
+    bar = comfy.utils.ProgressBar(max(total, 1))
+
+    def update(i: int, n: int, key: str) -> None:
+        bar.update_absolute(i + 1, max(n, 1))
+
+    return update
+
+
+def check_interrupt() -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()

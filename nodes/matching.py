@@ -1,0 +1,151 @@
+"""The glue between ComfyUI objects and the engine's match/project phases (no math here)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..prolora_core.errors import ProLoRAError
+from ..prolora_core.linalg import matrix_shape
+from ..prolora_core.lora import LoraFile, parse_state_dict
+from ..prolora_core.names import name_style
+from ..prolora_core.provenance import output_metadata
+from ..prolora_core.transfer import ModuleMatch, Planned, TransferConfig, TransferResult, check_fits, match_modules, project_loras
+from .bridge import BasisHandle, LoraModel, check_interrupt, native_module, progress
+
+
+@dataclass
+class MatchHandle:
+    """What **Match Modules** gives: per model part, each source weight's match (target weight, Φ, bases)."""
+
+    source: BasisHandle
+    target: BasisHandle
+    config: TransferConfig
+    matches: dict[str, dict[str, ModuleMatch]] = field(default_factory=dict)
+    unmapped: list[str] = field(default_factory=list)
+    svd_computed: int = 0
+    bases_from_cache: int = 0
+
+    def ensure(self, part: str, keys: list[str]) -> None:
+        """Match the source weights in ``keys`` that are not matched yet."""
+        have = self.matches.setdefault(part, {})
+        todo = [k for k in dict.fromkeys(keys) if k not in have]
+        if not todo:
+            return
+        src, tgt = self.source.parts[part], self.target.parts.get(part)
+        if tgt is None:
+            raise ProLoRAError(f"the LoRA touches the {part} but the target basis was computed without it (connect a CLIP to Compute Basis)")
+        cache = self.source.cache()
+        found, stats = match_modules(todo, src, tgt, self.config, cache, progress(len(todo)), check_interrupt)
+        have.update(found)
+        self.svd_computed += stats.svd_computed
+        self.bases_from_cache += stats.bases_from_cache
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per matched source weight, for reports and the web panel."""
+        out = []
+        for part, ms in self.matches.items():
+            for m in ms.values():
+                s = m.similarity
+                out.append({
+                    "part": part, "source": m.source_key, "target": m.target_key, "k": m.k,
+                    "phi_u": None if s is None else round(s.phi_u, 4), "phi_v": None if s is None else round(s.phi_v, 4),
+                    "chance": None if s is None else round(max(s.chance_u, s.chance_v), 4),
+                    "passes": m.passes(self.config), "repaired": m.repaired, "reason": m.reason or ("ok" if m.passes(self.config) else "below threshold"),
+                })
+        return out
+
+    def summary(self) -> str:
+        rows = self.rows()
+        passing = sum(r["passes"] for r in rows)
+        lines = [
+            f"ProLoRA match: {self.source.label} → {self.target.label}",
+            f"pairing={self.config.pairing} threshold={self.config.threshold:g} subspace rank={self.config.subspace_rank or 'auto min(64, d/4)'}",
+            f"modules matched: {len(rows)}, passing the threshold: {passing}, re-paired: {sum(r['repaired'] for r in rows)}",
+            f"bases computed: {self.svd_computed}, from cache: {self.bases_from_cache}",
+        ]
+        for label, handle in (("source", self.source), ("target", self.target)):
+            if any(handle.patched.values()):
+                lines.append(f"note: the {label} model carries patches on {handle.patched} weights (merges or LoRAs); bases are of the patched weights")
+        if self.unmapped:
+            lines.append(f"LoRA modules with no weight in the source model ({len(self.unmapped)}): {', '.join(self.unmapped[:8])}")
+        phis = [min(r["phi_u"], r["phi_v"]) for r in rows if r["phi_u"] is not None]
+        if phis:
+            lines.append(f"Φ (min of U/V): min {min(phis):.3f}, median {sorted(phis)[len(phis) // 2]:.3f}, max {max(phis):.3f}")
+        return "\n".join(lines)
+
+
+def plan_lora(lora: LoraFile, handle: BasisHandle) -> tuple[dict[str, list[Planned]], list[str]]:
+    """Per model part, the LoRA's modules placed on the source model's weights (ComfyUI's key maps)."""
+    plans: dict[str, list[Planned]] = {}
+    unmapped: list[str] = []
+    for mod in lora.modules.values():
+        loc = handle.locate(mod.name)
+        if loc is None:
+            unmapped.append(mod.name)
+            continue
+        part, key = loc
+        check_fits(lora, mod, handle.parts[part].shape(key), handle.label)
+        plans.setdefault(part, []).append(Planned(0, mod, key))
+    if not plans:
+        shown = ", ".join(sorted(lora.modules)[:3])
+        raise ProLoRAError(f"none of the LoRA's {len(lora.modules)} modules maps onto the source model ({handle.label}); "
+                           f"is it a LoRA for another base model? e.g. {shown}", file=lora.path or "<LORA_MODEL>")
+    return plans, unmapped
+
+
+def parse_lora_model(lora: dict, label: str = "<LORA_MODEL>") -> LoraFile:
+    meta = getattr(lora, "metadata", None)
+    src = getattr(lora, "source_file", None)
+    from pathlib import Path
+
+    return parse_state_dict(dict(lora), Path(src) if src else Path(label), meta)
+
+
+def all_weight_keys(handle: BasisHandle, part: str) -> list[str]:
+    w = handle.parts[part]
+    return [k for k in w.keys() if k.endswith(".weight") and len(w.shape(k)) in (2, 4) and min(matrix_shape(w.shape(k))) > 1]
+
+
+def project_lora_model(lora_in: dict, match: MatchHandle, config: TransferConfig) -> tuple[LoraModel, list[TransferResult]]:
+    """Project a ``LORA_MODEL`` with a match: native ComfyUI keys out, metadata and save names kept."""
+    lora = parse_lora_model(lora_in)
+    plans, unmapped = plan_lora(lora, match.source)
+    tensors: dict = {}
+    save_names: dict[str, str] = {}
+    results: list[TransferResult] = []
+    for part, plan in plans.items():
+        match.ensure(part, [p.source_key for p in plan if p.source_key])
+        inverse = _inverse(match.target.key_maps.get(part, {}))
+
+        def name(p: Planned, m: ModuleMatch, part: str = part, inverse: dict = inverse) -> str:
+            native = native_module(part, m.target_key)  # type: ignore[arg-type]
+            save_names[native] = p.module.name if not m.repaired else _same_style(p.module.name, inverse.get(m.target_key, []), native)  # type: ignore[arg-type]
+            return native
+
+        (res,) = project_loras([lora], plan, match.matches[part], config, check_interrupt, name)
+        tensors.update(res.tensors)
+        results.append(res)
+    meta = output_metadata(_merged(lora, tensors, results), match.source.label, match.target.label, config)
+    meta["prolora.unmapped_modules"] = str(len(unmapped))
+    return LoraModel(tensors, meta, save_names, None), results
+
+
+def _merged(lora: LoraFile, tensors: dict, results: list[TransferResult]) -> TransferResult:
+    return TransferResult(lora, tensors, [m for r in results for m in r.modules])
+
+
+def _inverse(key_map: dict[str, str]) -> dict[str, list[str]]:
+    inv: dict[str, list[str]] = {}
+    for lora_key, weight_key in key_map.items():
+        inv.setdefault(weight_key, []).append(lora_key)
+    return inv
+
+
+def _same_style(original: str, candidates: list[str], fallback: str) -> str:
+    """The candidate LoRA name of the target weight spelled like ``original`` (kohya in, kohya out)."""
+    style = name_style(original)
+    for c in candidates:
+        cs = name_style(c)
+        if cs.prefix == style.prefix and cs.underscored == style.underscored:
+            return c
+    return fallback

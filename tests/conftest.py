@@ -1,0 +1,160 @@
+"""Pytest set-up that lets the tests drive the real ComfyUI host in ``.comfyui/``.
+
+Import order matters, so this file does its work at import time, before any test
+module is collected:
+
+* ``.comfyui/`` goes to ``sys.path[0]``: ComfyUI's top-level modules (``nodes``,
+  ``utils``, ``server``, ``app``, ``execution``, ``folder_paths``, ``comfy*``) must
+  win over same-named things, above all over our pack's own ``nodes/`` package.
+* The repo root is moved to the END of ``sys.path`` (``import prolora_core`` works,
+  ``import nodes`` still gets ComfyUI's), and ``tests/`` is appended so test modules
+  can ``from comfy_host import ...`` under ``--import-mode=importlib``.
+* ComfyUI's argument parsing stays off (``comfy.options.args_parsing = False``, so
+  ``comfy.cli_args`` parses ``[]`` instead of pytest's argv) and ``args.cpu`` is set
+  before anything imports ``comfy.model_management``.
+
+When ``.comfyui/main.py`` is missing nothing ComfyUI-related is touched here; the
+fixtures below (and every helper in ``comfy_host``) then fail with a message that
+says to run ``scripts/setup.sh``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_DIR = Path(__file__).parents[1] / ".comfyui"
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def _same_dir(entry: str, target: Path) -> bool:
+    """True when a ``sys.path`` entry ('' meaning the cwd) points at ``target``."""
+    try:
+        return Path(entry or os.getcwd()).resolve() == target
+    except OSError:
+        return False
+
+
+def _configure_sys_path() -> None:
+    """Put ComfyUI first and the repo root (plus ``tests/``) last on ``sys.path``."""
+    sys.path[:] = [p for p in sys.path if not _same_dir(p, REPO_ROOT) and not _same_dir(p, COMFYUI_DIR.resolve())]
+    sys.path.insert(0, str(COMFYUI_DIR))
+    sys.path.append(str(REPO_ROOT))
+    if not any(_same_dir(p, TESTS_DIR) for p in sys.path):
+        sys.path.append(str(TESTS_DIR))
+
+
+def _configure_comfy_args() -> None:
+    """Freeze ComfyUI's CLI args (no argv parsing) and force CPU mode."""
+    if "comfy.model_management" in sys.modules:
+        raise RuntimeError("comfy.model_management was imported before tests/conftest.py could set args.cpu")
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)  # cli_args then parses [] instead of pytest's argv
+    from comfy.cli_args import args
+
+    args.cpu = True
+    args.disable_api_nodes = True
+
+
+_configure_sys_path()
+COMFYUI_AVAILABLE = (COMFYUI_DIR / "main.py").is_file()
+if COMFYUI_AVAILABLE:
+    _configure_comfy_args()
+
+import comfy_host  # noqa: E402  (needs the sys.path set-up above)
+
+if TYPE_CHECKING:
+    from comfy.model_patcher import ModelPatcher
+    from comfy.sd import CLIP
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the markers used by the ComfyUI-backed tests."""
+    config.addinivalue_line("markers", "comfy: needs the real ComfyUI host in .comfyui/ (scripts/setup.sh)")
+    config.addinivalue_line("markers", "server: starts a real ComfyUI server subprocess")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    """Attach the server log tail to the report of a failing test that used ``comfy_server``."""
+    report: pytest.TestReport = yield
+    server = item.session.stash.get(_SERVER_KEY, None)
+    if report.failed and server is not None and "comfy_server" in getattr(item, "fixturenames", ()):
+        report.sections.append(("ComfyUI server log (tail)", server.log_tail()))
+    return report
+
+
+_SERVER_KEY = pytest.StashKey["comfy_host.ComfyServer"]()
+
+
+@pytest.fixture(scope="session")
+def comfyui() -> Any:
+    """The real ComfyUI ``nodes`` module, imported in-process (fails if the host is not set up)."""
+    comfy_host.require_comfyui()
+    import nodes
+
+    return nodes
+
+
+@pytest.fixture()
+def comfy_dirs(comfyui: Any, tmp_path: Path) -> Iterator[Path]:
+    """Point ComfyUI's in-process output/temp/input folders at ``tmp_path`` for one test."""
+    import folder_paths
+
+    saved = (folder_paths.get_output_directory(), folder_paths.get_temp_directory(), folder_paths.get_input_directory())
+    for name, setter in (("output", folder_paths.set_output_directory), ("temp", folder_paths.set_temp_directory),
+                         ("input", folder_paths.set_input_directory)):
+        (tmp_path / name).mkdir(exist_ok=True)
+        setter(str(tmp_path / name))
+    try:
+        yield tmp_path
+    finally:
+        folder_paths.set_output_directory(saved[0])
+        folder_paths.set_temp_directory(saved[1])
+        folder_paths.set_input_directory(saved[2])
+
+
+@pytest.fixture()
+def tiny_sd15(comfyui: Any) -> ModelPatcher:
+    """A fresh tiny SD1.5-shaped ``MODEL`` (seed 0)."""
+    return comfy_host.tiny_sd15_model(0)
+
+
+@pytest.fixture()
+def tiny_sdxl(comfyui: Any) -> ModelPatcher:
+    """A fresh tiny SDXL-shaped ``MODEL`` (seed 0)."""
+    return comfy_host.tiny_sdxl_model(0)
+
+
+@pytest.fixture()
+def tiny_clip(comfyui: Any) -> CLIP:
+    """A fresh tiny SD1.5-style ``CLIP`` (clip_l layout, seed 0)."""
+    return comfy_host.tiny_clip(0)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[comfy_host.ComfyServer]:
+    """A real ComfyUI server (``main.py --cpu``) on a free loopback port, with our pack in custom_nodes/.
+
+    Shared by the whole session: tests must not rely on a clean queue/history, only on
+    their own prompt ids.
+    """
+    comfy_host.require_comfyui()
+    base_dir = tmp_path_factory.mktemp("comfy_base")
+    server = comfy_host.start_comfy_server(base_dir)
+    request.session.stash[_SERVER_KEY] = server
+    try:
+        yield server
+    finally:
+        server.stop()
+        if request.session.testsfailed:
+            reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                reporter.write_line(f"\n--- ComfyUI server log tail ({server.log_path}) ---\n{server.log_tail()}")

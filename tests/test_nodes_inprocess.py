@@ -1,0 +1,184 @@
+"""The pack's nodes inside the real ComfyUI host, in-process: the three ProLoRA steps on real
+MODEL / CLIP / LORA_MODEL objects, checked against core ComfyUI nodes and a dense reference."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import comfy_host
+from reference import reference_transfer
+
+# Modules of the tiny SD1.5 UNet a LoRA touches: an attention linear, a 1×1 conv proj_in, a 3×3 res conv.
+MODULES = [
+    "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+    "input_blocks.1.1.transformer_blocks.0.attn2.to_k",
+    "input_blocks.1.1.proj_in",
+    "input_blocks.1.0.in_layers.2",
+    "middle_block.1.transformer_blocks.0.ff.net.2",
+]
+
+
+@pytest.fixture(scope="module")
+def pack(comfyui: Any) -> Any:
+    return comfy_host.load_pack()
+
+
+@pytest.fixture(scope="module")
+def nodes_by_id(pack: Any) -> dict[str, Any]:
+    ext = asyncio.run(pack.comfy_entrypoint())
+    return {n.define_schema().node_id: n for n in asyncio.run(ext.get_node_list())}
+
+
+def _descendant(model: Any, seed: int, eps: float) -> Any:
+    """A 'fine-tuned' copy: every weight moved by eps relative noise."""
+    target = comfy_host.tiny_sd15_model(0)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for (_, p_src), (_, p_tgt) in zip(model.model.named_parameters(), target.model.named_parameters()):
+            p_tgt.copy_(p_src + eps * p_src.abs().mean() * torch.randn(p_src.shape, generator=gen))
+    return target
+
+
+def _kohya_lora(model: Any, rank: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
+    sd = model.model.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for mod in MODULES:
+        w = sd[f"diffusion_model.{mod}.weight"]
+        name = "lora_unet_" + mod.replace(".", "_")
+        if w.ndim == 4:
+            out[f"{name}.lora_down.weight"] = 0.1 * torch.randn((rank, *w.shape[1:]), generator=gen)
+            out[f"{name}.lora_up.weight"] = 0.1 * torch.randn((w.shape[0], rank, 1, 1), generator=gen)
+        else:
+            out[f"{name}.lora_down.weight"] = 0.1 * torch.randn((rank, w.shape[1]), generator=gen)
+            out[f"{name}.lora_up.weight"] = 0.1 * torch.randn((w.shape[0], rank), generator=gen)
+        out[f"{name}.alpha"] = torch.tensor(2.0)
+    return out
+
+
+def _run(nodes_by_id: dict[str, Any], node_id: str, **kwargs: Any) -> tuple:
+    return tuple(nodes_by_id[node_id].execute(**kwargs).args)
+
+
+def _transfer(nodes_by_id: dict[str, Any], src: Any, tgt: Any, lora: dict, mode: str = "prolora-full", threshold: float = 0.0,
+              clip_src: Any = None, clip_tgt: Any = None) -> tuple[Any, str, Any, str]:
+    (bs,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=src, clip=clip_src, subspace_rank=0, device="cpu", use_cache=False)
+    (bt,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=tgt, clip=clip_tgt, subspace_rank=0, device="cpu", use_cache=False)
+    match, summary = _run(nodes_by_id, "ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=lora, threshold=threshold, pairing="name")
+    out, report = _run(nodes_by_id, "ProLoRAProjectLoRA", lora=lora, match=match, mode=mode, out_rank=0, rescale_to_source_norm=False)
+    return out, report, match, summary
+
+
+def test_pack_registers_v3_nodes_with_tooltips(nodes_by_id: dict[str, Any]) -> None:
+    expected = {"ProLoRAComputeBasis", "ProLoRAMatchModules", "ProLoRAProjectLoRA", "ProLoRALoadLoRA", "ProLoRASaveLoRA", "ProLoRAApplyLoRA"}
+    assert expected <= set(nodes_by_id)
+    for node_id, node in nodes_by_id.items():
+        schema = node.define_schema()
+        assert node_id.startswith("ProLoRA") and schema.category == "ProLoRA"
+        for inp in schema.inputs:
+            assert inp.tooltip, f"{node_id}.{inp.id} has no tooltip"
+
+
+@pytest.mark.parametrize("mode", ["prolora-full", "prolora", "subspace", "copy"])
+def test_core_lora_loader_applies_exactly_the_projected_update(nodes_by_id: dict[str, Any], comfyui: Any, mode: str) -> None:
+    src = comfy_host.tiny_sd15_model(0)
+    tgt = _descendant(src, seed=5, eps=0.05)
+    lora = _kohya_lora(src)
+    out, report, match, summary = _transfer(nodes_by_id, src, tgt, lora, mode)
+    assert all(k.startswith("diffusion_model.") for k in out), list(out)[:3]
+    assert f"{len(MODULES)}/{len(MODULES)} modules transferred" in report
+    from comfy_extras.nodes_train import LoraModelLoader
+
+    (patched,) = LoraModelLoader.execute(model=tgt, lora=out, strength_model=1.0).args
+    before = comfy_host.unet_weights(tgt)
+    after = comfy_host.unet_weights(patched, patched=True)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"diffusion_model.{m}.weight" for m in MODULES}
+    src_sd, tgt_sd = comfy_host.unet_weights(src), before
+    for mod in MODULES:
+        key = f"diffusion_model.{mod}.weight"
+        name = "lora_unet_" + mod.replace(".", "_")
+        up, down = lora[f"{name}.lora_up.weight"], lora[f"{name}.lora_down.weight"]
+        r = down.shape[0]
+        dense = (2.0 / r) * (up.reshape(up.shape[0], r).double() @ down.reshape(r, -1).double())
+        m, n = dense.shape
+        k = min(64, min(m, n) // 4)
+        expected = reference_transfer(dense.numpy(), src_sd[key].reshape(m, -1).double().numpy(), tgt_sd[key].reshape(m, -1).double().numpy(), k, mode)
+        got = (after[key] - before[key]).reshape(m, -1).double().numpy()
+        assert np.linalg.norm(got - expected) <= 1e-4 * np.linalg.norm(expected), mode
+
+
+def test_kohya_peft_and_native_inputs_give_the_same_lora(nodes_by_id: dict[str, Any]) -> None:
+    src = comfy_host.tiny_sd15_model(0)
+    tgt = _descendant(src, seed=6, eps=0.05)
+    kohya = _kohya_lora(src)
+    native, peft = {}, {}
+    for key, t in kohya.items():
+        name, _, rest = key.partition(".")
+        mod = next(m for m in MODULES if "lora_unet_" + m.replace(".", "_") == name)
+        native[f"diffusion_model.{mod}.{rest}"] = t
+        peft_rest = {"lora_up.weight": "lora_B.weight", "lora_down.weight": "lora_A.weight", "alpha": "alpha"}[rest]
+        peft[f"diffusion_model.{mod}.{peft_rest}"] = t
+    outs = [_transfer(nodes_by_id, src, tgt, lora)[0] for lora in (kohya, native, peft)]
+    assert set(outs[0]) == set(outs[1]) == set(outs[2])
+    for key in outs[0]:
+        assert torch.allclose(outs[0][key], outs[1][key]) and torch.allclose(outs[0][key], outs[2][key]), key
+
+
+def test_save_lora_keeps_format_and_loads_in_core_loader_without_missing_keys(nodes_by_id: dict[str, Any], comfyui: Any, tmp_path: Path,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    import folder_paths
+    import safetensors
+
+    src = comfy_host.tiny_sd15_model(0)
+    tgt = _descendant(src, seed=7, eps=0.05)
+    lora = _kohya_lora(src)
+    (tmp_path / "loras").mkdir()
+    src_file = tmp_path / "loras" / "style.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(lora, str(src_file), metadata={"ss_tag_frequency": '{"style": {"stripes": 3}}', "ss_sd_model_name": "tiny-src"})
+    folder_paths.add_model_folder_path("loras", str(tmp_path / "loras"), is_default=True)
+    (loaded,) = _run(nodes_by_id, "ProLoRALoadLoRA", lora_name="style.safetensors")
+    assert loaded.metadata["ss_tag_frequency"] == '{"style": {"stripes": 3}}'
+    out, *_ = _transfer(nodes_by_id, src, tgt, loaded)
+    (name1,) = _run(nodes_by_id, "ProLoRASaveLoRA", lora=out, filename="prolora/style_tiny", key_format="as input", overwrite=False)
+    (name2,) = _run(nodes_by_id, "ProLoRASaveLoRA", lora=out, filename="prolora/style_tiny", key_format="as input", overwrite=False)
+    assert name1 == "prolora/style_tiny.safetensors" and name2 != name1  # never overwrites silently
+    path = Path(folder_paths.get_full_path("loras", name1))
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert keys == set(lora)  # kohya in, kohya out
+    assert meta["ss_tag_frequency"] == '{"style": {"stripes": 3}}' and meta["prolora.mode"] == "prolora-full"
+    assert meta["ss_sd_model_name"] != "tiny-src" and "/" not in meta["prolora.source_base"]
+    caplog.set_level(logging.WARNING)
+    clip = comfy_host.tiny_clip(0)
+    m, c = comfyui.LoraLoader().load_lora(tgt, clip, name1, 1.0, 1.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert len(m.patches) == len(MODULES)
+
+
+def test_clip_lora_transfers_through_the_clip_path(nodes_by_id: dict[str, Any], comfyui: Any) -> None:
+    src, tgt = comfy_host.tiny_sd15_model(0), comfy_host.tiny_sd15_model(0)
+    clip_s, clip_t = comfy_host.tiny_clip(0), comfy_host.tiny_clip(0)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(3)
+        for p in clip_t.cond_stage_model.parameters():
+            p.add_(0.02 * p.abs().mean() * torch.randn(p.shape, generator=gen))
+    sd = clip_s.cond_stage_model.state_dict()
+    key = next(k for k in sd if k.endswith("layers.0.self_attn.q_proj.weight"))
+    w = sd[key]
+    gen = torch.Generator().manual_seed(4)
+    lora = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn((w.shape[0], 2), generator=gen),
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn((2, w.shape[1]), generator=gen)}
+    out, report, *_ = _transfer(nodes_by_id, src, tgt, lora, clip_src=clip_s, clip_tgt=clip_t)
+    assert "1/1 modules transferred" in report
+    assert all(k.startswith("text_encoders.") for k in out)
+    m, c = _run(nodes_by_id, "ProLoRAApplyLoRA", model=tgt, clip=clip_t, lora=out, strength_model=1.0, strength_clip=1.0)
+    assert key in c.patcher.patches and not m.patches
