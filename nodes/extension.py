@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import lora_nodes, transfer_nodes
+from . import files_node, lora_nodes, tiny_model_node, transfer_nodes
 
 
 class ProLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*transfer_nodes.NODES, *lora_nodes.NODES]
+        return [*transfer_nodes.NODES, *lora_nodes.NODES, files_node.TransferLoRAFiles, *tiny_model_node.NODES]
 
 
 async def comfy_entrypoint() -> ProLoRAExtension:
