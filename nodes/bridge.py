@@ -95,15 +95,17 @@ class BasisHandle:
         return None
 
 
-def build_handle(model: Any, clip: Any | None, subspace_rank: int | None, device: str, cache: bool) -> BasisHandle:
-    """A :class:`BasisHandle` for a ``MODEL`` (and optional ``CLIP``)."""
-    parts = {UNET: PatcherWeights(model, _model_label(model))}
+def build_handle(model: Any, clip: Any | None, subspace_rank: int | None, device: str, cache: bool, label: str = "") -> BasisHandle:
+    """A :class:`BasisHandle` for a ``MODEL`` (and optional ``CLIP``); ``label`` names it in reports
+    and in the provenance of saved LoRAs (default: the model's type)."""
+    label = label.strip() or _model_label(model)
+    parts = {UNET: PatcherWeights(model, label)}
     key_maps = {UNET: comfy.lora.model_lora_keys_unet(model.model, {})}
     if clip is not None:
-        parts[CLIP] = PatcherWeights(clip.patcher, _model_label(model) + ":clip")
+        parts[CLIP] = PatcherWeights(clip.patcher, label + ":clip")
         key_maps[CLIP] = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
     return BasisHandle(
-        label=_model_label(model), parts=parts, key_maps=key_maps, subspace_rank=subspace_rank,
+        label=label, parts=parts, key_maps=key_maps, subspace_rank=subspace_rank,
         device=engine_device(device), settings=BasisSettings(), cache_dir=cache_dir() if cache else None,
         patched={p: w.patched_keys() for p, w in parts.items()},
     )

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import comfy.lora_convert
 
 from ..prolora_core.errors import ProLoRAError
 from ..prolora_core.linalg import matrix_shape
@@ -94,11 +97,11 @@ def plan_lora(lora: LoraFile, handle: BasisHandle) -> tuple[dict[str, list[Plann
 
 
 def parse_lora_model(lora: dict, label: str = "<LORA_MODEL>") -> LoraFile:
+    """A ``LORA_MODEL`` as the engine's :class:`LoraFile`, after ComfyUI's own format conversion
+    (``comfy.lora_convert.convert_lora``, as core ``load_lora_for_models`` does)."""
     meta = getattr(lora, "metadata", None)
     src = getattr(lora, "source_file", None)
-    from pathlib import Path
-
-    return parse_state_dict(dict(lora), Path(src) if src else Path(label), meta)
+    return parse_state_dict(comfy.lora_convert.convert_lora(dict(lora)), Path(src) if src else Path(label), meta)
 
 
 def all_weight_keys(handle: BasisHandle, part: str) -> list[str]:
@@ -131,7 +134,13 @@ def project_lora_model(lora_in: dict, match: MatchHandle, config: TransferConfig
 
 
 def _merged(lora: LoraFile, tensors: dict, results: list[TransferResult]) -> TransferResult:
-    return TransferResult(lora, tensors, [m for r in results for m in r.modules])
+    """One result over the model parts; the energy dropped is weighted by each part's transferred energy."""
+    dropped = None
+    parts = [(r.energy_dropped, sum((m.transferred_norm or 0.0) ** 2 for m in r.modules)) for r in results if r.energy_dropped is not None]
+    if parts:
+        total = sum(w for _, w in parts)
+        dropped = sum(e * w for e, w in parts) / total if total > 0 else 0.0
+    return TransferResult(lora, tensors, [m for r in results for m in r.modules], dropped)
 
 
 def _inverse(key_map: dict[str, str]) -> dict[str, list[str]]:

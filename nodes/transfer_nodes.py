@@ -29,13 +29,15 @@ class ComputeBasis(io.ComfyNode):
                              "so that the chance level k/d of the similarity stays ≤ 0.25."),
                 io.Combo.Input("device", options=["auto", "cpu", "cuda"], default="auto", tooltip="Where SVDs run; auto = ComfyUI's GPU when it is CUDA."),
                 io.Boolean.Input("use_cache", default=True, tooltip="Keep bases on disk (ComfyUI user folder) so later runs compute no SVD."),
+                io.String.Input("name", default="", optional=True, tooltip="Name of the model in reports and in the provenance of saved LoRAs "
+                                "(e.g. the checkpoint's file name); empty = the model type."),
             ],
             outputs=[Basis.Output(display_name="basis", tooltip="Handle to the model's bases (computed on demand).")],
         )
 
     @classmethod
-    def execute(cls, model, subspace_rank: int, device: str, use_cache: bool, clip=None) -> io.NodeOutput:
-        return io.NodeOutput(build_handle(model, clip, subspace_rank or None, device, use_cache))
+    def execute(cls, model, subspace_rank: int, device: str, use_cache: bool, clip=None, name: str = "") -> io.NodeOutput:
+        return io.NodeOutput(build_handle(model, clip, subspace_rank or None, device, use_cache, name))
 
 
 class MatchModules(io.ComfyNode):

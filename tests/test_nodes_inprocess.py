@@ -182,3 +182,108 @@ def test_clip_lora_transfers_through_the_clip_path(nodes_by_id: dict[str, Any], 
     assert all(k.startswith("text_encoders.") for k in out)
     m, c = _run(nodes_by_id, "ProLoRAApplyLoRA", model=tgt, clip=clip_t, lora=out, strength_model=1.0, strength_clip=1.0)
     assert key in c.patcher.patches and not m.patches
+
+
+def _diffusers_names(model: Any, modules: list[str]) -> dict[str, str]:
+    """LDM module → kohya diffusers-style name (``lora_unet_down_blocks_…``) from ComfyUI's key map."""
+    import comfy.lora
+
+    km = comfy.lora.model_lora_keys_unet(model.model, {})
+    out = {}
+    for mod in modules:
+        names = [n for n, k in km.items() if k == f"diffusion_model.{mod}.weight" and n.startswith(("lora_unet_down", "lora_unet_mid", "lora_unet_up"))]
+        if names:
+            out[mod] = names[0]
+    return out
+
+
+def test_diffusers_style_kohya_names_give_the_same_lora(nodes_by_id: dict[str, Any]) -> None:
+    """kohya's SD1.5 LoRAs use diffusers block names; ComfyUI's key map places them on LDM weights."""
+    src = comfy_host.tiny_sd15_model(0)
+    tgt = _descendant(src, seed=8, eps=0.05)
+    ldm = _kohya_lora(src)
+    names = _diffusers_names(src, MODULES)
+    assert len(names) >= 3, names  # attention, proj_in and res conv have diffusers names
+    diffusers = {}
+    for key, t in ldm.items():
+        name, _, rest = key.partition(".")
+        mod = next(m for m in MODULES if "lora_unet_" + m.replace(".", "_") == name)
+        diffusers[f"{names.get(mod, name)}.{rest}"] = t
+    a, *_ = _transfer(nodes_by_id, src, tgt, ldm)
+    b, report, *_ = _transfer(nodes_by_id, src, tgt, diffusers)
+    assert f"{len(MODULES)}/{len(MODULES)} modules transferred" in report
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_sdxl_shaped_transfer_is_exact_through_core_loader(nodes_by_id: dict[str, Any]) -> None:
+    from comfy_extras.nodes_train import LoraModelLoader
+
+    src = comfy_host.tiny_sdxl_model(0)
+    tgt = comfy_host.tiny_sdxl_model(0)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p_s, p_t in zip(src.model.parameters(), tgt.model.parameters()):
+            p_t.copy_(p_s + 0.05 * p_s.abs().mean() * torch.randn(p_s.shape, generator=gen))
+    sd = src.model.state_dict()
+    mods = [k[len("diffusion_model."):-len(".weight")] for k in sd if k.endswith(("attn2.to_k.weight", "proj_in.weight")) and sd[k].ndim == 2][:3]
+    lora = {}
+    for mod in mods:
+        w = sd[f"diffusion_model.{mod}.weight"]
+        lora[f"lora_unet_{mod.replace('.', '_')}.lora_up.weight"] = torch.randn((w.shape[0], 2), generator=gen)
+        lora[f"lora_unet_{mod.replace('.', '_')}.lora_down.weight"] = torch.randn((2, w.shape[1]), generator=gen)
+    out, report, *_ = _transfer(nodes_by_id, src, tgt, lora, "prolora")
+    assert f"{len(mods)}/{len(mods)} modules transferred" in report
+    (patched,) = LoraModelLoader.execute(model=tgt, lora=out, strength_model=1.0).args
+    before, after = comfy_host.unet_weights(tgt), comfy_host.unet_weights(patched, patched=True)
+    for mod in mods:
+        key = f"diffusion_model.{mod}.weight"
+        name = f"lora_unet_{mod.replace('.', '_')}"
+        dense = (lora[f"{name}.lora_up.weight"] @ lora[f"{name}.lora_down.weight"]).double().numpy()
+        k = min(64, min(dense.shape) // 4)
+        expected = reference_transfer(dense, comfy_host.unet_weights(src)[key].double().numpy(), before[key].double().numpy(), k, "prolora")
+        got = (after[key] - before[key]).double().numpy()
+        assert np.linalg.norm(got - expected) <= 1e-4 * np.linalg.norm(expected)
+
+
+def test_similarity_pairing_and_patched_model_are_reported(nodes_by_id: dict[str, Any], comfyui: Any) -> None:
+    """A target whose blocks are swapped is re-paired by similarity; a LoRA-patched source is flagged."""
+    from comfy_extras.nodes_train import LoraModelLoader
+
+    src = comfy_host.tiny_sd15_model(0)
+    tgt = _descendant(src, seed=12, eps=0.01)
+    a, b = "input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.1.transformer_blocks.0.attn1.to_k"
+    with torch.no_grad():  # swap two same-shape weights in the target: "renumbered" modules
+        wa = tgt.model.get_parameter(f"diffusion_model.{a}.weight")
+        wb = tgt.model.get_parameter(f"diffusion_model.{b}.weight")
+        tmp = wa.clone()
+        wa.copy_(wb)
+        wb.copy_(tmp)
+    gen = torch.Generator().manual_seed(13)
+    w = src.model.state_dict()[f"diffusion_model.{a}.weight"]
+    lora = {f"lora_unet_{a.replace('.', '_')}.lora_up.weight": torch.randn((w.shape[0], 2), generator=gen),
+            f"lora_unet_{a.replace('.', '_')}.lora_down.weight": torch.randn((2, w.shape[1]), generator=gen)}
+    (bs,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=src, clip=None, subspace_rank=0, device="cpu", use_cache=False)
+    (bt,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=tgt, clip=None, subspace_rank=0, device="cpu", use_cache=False)
+    match, summary = _run(nodes_by_id, "ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=lora, threshold=0.8, pairing="similarity")
+    assert "re-paired: 1" in summary
+    out, _ = _run(nodes_by_id, "ProLoRAProjectLoRA", lora=lora, match=match, mode="prolora-full", out_rank=0, rescale_to_source_norm=False)
+    assert {k.rsplit(".", 2)[0] if not k.endswith(".alpha") else k[: -len(".alpha")] for k in out} == {f"diffusion_model.{b}"}
+    assert out.save_names[f"diffusion_model.{b}"] == f"lora_unet_{b.replace('.', '_')}"  # named after the target, kohya style kept
+    (patched_src,) = LoraModelLoader.execute(model=src, lora=out, strength_model=1.0).args
+    (bp,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=patched_src, clip=None, subspace_rank=0, device="cpu", use_cache=False)
+    _, summary2 = _run(nodes_by_id, "ProLoRAMatchModules", source_basis=bp, target_basis=bt, lora=lora, threshold=0.8, pairing="name")
+    assert "carries patches" in summary2
+
+
+def test_rescale_and_out_rank_options(nodes_by_id: dict[str, Any]) -> None:
+    src = comfy_host.tiny_sd15_model(0)
+    tgt = _descendant(src, seed=14, eps=0.2)
+    lora = _kohya_lora(src)
+    (bs,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=src, clip=None, subspace_rank=0, device="cpu", use_cache=False)
+    (bt,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=tgt, clip=None, subspace_rank=0, device="cpu", use_cache=False)
+    match, _ = _run(nodes_by_id, "ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=lora, threshold=0.0, pairing="name")
+    _, report = _run(nodes_by_id, "ProLoRAProjectLoRA", lora=lora, match=match, mode="prolora", out_rank=0, rescale_to_source_norm=True)
+    assert "overall norm ratio transferred/source: 1.000" in report
+    out, _ = _run(nodes_by_id, "ProLoRAProjectLoRA", lora=lora, match=match, mode="prolora", out_rank=2, rescale_to_source_norm=False)
+    assert all(t.shape[0] == 2 for k, t in out.items() if k.endswith("lora_down.weight"))
+    assert float(out.metadata.get("prolora.energy_dropped", "nan")) > 0
