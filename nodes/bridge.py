@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import comfy.lora
 import comfy.model_management
+import comfy.model_patcher
 import comfy.utils
 import folder_paths
 import torch
@@ -45,6 +46,7 @@ class PatcherWeights:
         self.label = label
         self._sd: dict[str, torch.Tensor] = patcher.model.state_dict()
         self._last: tuple[str, torch.Tensor] | None = None
+        self._backups = _original_weights(patcher)
 
     def keys(self) -> list[str]:
         return list(self._sd)
@@ -53,12 +55,26 @@ class PatcherWeights:
         return tuple(self._sd[key].shape)
 
     def get(self, key: str) -> torch.Tensor:
+        """The weight as the model computes with it: the original (from the patcher's backup when
+        ComfyUI currently holds the model with patches applied in place), converted by the op's
+        own ``convert_*`` (quantized ops), then the patcher's patches."""
         if self._last is not None and self._last[0] == key:
             return self._last[1]
-        w = self._sd[key]
+        w, _, convert = comfy.model_patcher.get_key_weight(self.patcher.model, key)
+        backup = self._backups.get(key)
+        if backup is not None:
+            w = backup.weight
+        hook_backup = self.patcher.hook_backup.get(key)
+        if hook_backup is not None:
+            w = hook_backup[0]
+        w = w.detach()
         patches = self.patcher.patches.get(key)
-        if patches:
-            w = comfy.lora.calculate_weight(patches, w.to(torch.float32, copy=True), key)
+        if convert is not None or patches:
+            w = w.to(torch.float32, copy=True)
+            if convert is not None:
+                w = convert(w, inplace=True)
+            if patches:
+                w = comfy.lora.calculate_weight(patches, w, key)
         self._last = (key, w)
         return w
 
@@ -67,6 +83,23 @@ class PatcherWeights:
 
     def patched_keys(self) -> int:
         return sum(1 for k in self.patcher.patches if k in self._sd)
+
+
+def _original_weights(patcher: Any) -> dict[str, Any]:
+    """Backups of the original weights of ``patcher``'s model.
+
+    Clones of a ModelPatcher share one model object; while ComfyUI holds a clone loaded with
+    its patches applied in place, the model's tensors are the *clone's* patched weights and only
+    that clone's backup holds the originals. Our own backup is used when we are the patched one.
+    """
+    uuid = getattr(patcher.model, "current_weight_patches_uuid", None)
+    if uuid is None or uuid == getattr(patcher, "patches_uuid", None):
+        return dict(patcher.backup)
+    for loaded in comfy.model_management.current_loaded_models:
+        other = loaded.model
+        if other is not None and other.model is patcher.model and getattr(other, "patches_uuid", None) == uuid:
+            return dict(other.backup)
+    return dict(patcher.backup)
 
 
 @dataclass

@@ -105,7 +105,7 @@ def compute_basis(weight: Tensor, k: int, settings: BasisSettings = BasisSetting
     (default: the weight's device).
     """
     dev = torch.device(device) if device is not None else weight.device
-    A = as_matrix(weight).to(device=dev, dtype=settings.compute_dtype)
+    A = as_matrix(weight.detach()).to(device=dev, dtype=settings.compute_dtype)
     m, n = A.shape
     if not 1 <= k < min(m, n) + 1:
         raise ValueError(f"k={k} is outside [1, {min(m, n)}] for a {m}×{n} weight")

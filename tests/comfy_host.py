@@ -334,8 +334,8 @@ class ComfyServer:
     process: subprocess.Popen[bytes]
     pack_dir_name: str = PACK_DIR_NAME
     client_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    _http: requests.Session | None = None
-    _object_info: dict[str, Any] | None = None
+    _http: requests.Session | None = field(default=None, repr=False)
+    _object_info: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def http(self) -> requests.Session:

@@ -9,6 +9,8 @@ module is collected:
 * The repo root is moved to the END of ``sys.path`` (``import prolora_core`` works,
   ``import nodes`` still gets ComfyUI's), and ``tests/`` is appended so test modules
   can ``from comfy_host import ...`` under ``--import-mode=importlib``.
+* torch runs one intra-op thread (``PROLORA_TEST_THREADS`` overrides), in-process
+  and in the server subprocess.
 * ComfyUI's argument parsing stays off (``comfy.options.args_parsing = False``, so
   ``comfy.cli_args`` parses ``[]`` instead of pytest's argv) and ``args.cpu`` is set
   before anything imports ``comfy.model_management``.
@@ -63,7 +65,21 @@ def _configure_comfy_args() -> None:
     args.disable_api_nodes = True
 
 
+def _configure_torch_threads() -> None:
+    """One intra-op thread by default (``PROLORA_TEST_THREADS`` overrides).
+
+    On a small shared machine OpenMP threads that spin while another process holds the
+    cores made a tiny sampling step 30-40x slower (0.3 s -> 12 s); one thread avoids that.
+    """
+    import torch
+
+    threads = int(os.environ.get("PROLORA_TEST_THREADS", "1"))
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by subprocesses (the ComfyUI server)
+
+
 _configure_sys_path()
+_configure_torch_threads()
 COMFYUI_AVAILABLE = (COMFYUI_DIR / "main.py").is_file()
 if COMFYUI_AVAILABLE:
     _configure_comfy_args()
@@ -81,6 +97,21 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "server: starts a real ComfyUI server subprocess")
 
 
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep pytest from importing the repo root's ``__init__.py``.
+
+    The root has an ``__init__.py`` (it is the ComfyUI pack), so pytest collects it as a
+    ``Package`` whose ``setup()`` imports the whole pack as a module named after the
+    checkout directory (e.g. ``main``), for every test run: a second copy of the pack
+    and of ``prolora_core``, and a pack import error would break unrelated tests. The
+    pack is tested through ``comfy_host.load_pack()`` and the real server instead.
+    """
+    for item in items:
+        for node in item.listchain():
+            if isinstance(node, pytest.Package) and node.path.resolve() == REPO_ROOT:
+                node.setup = lambda: None  # type: ignore[method-assign]  # no setUpModule in the pack
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
     """Attach the server log tail to the report of a failing test that used ``comfy_server``."""
@@ -88,10 +119,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     server = item.session.stash.get(_SERVER_KEY, None)
     if report.failed and server is not None and "comfy_server" in getattr(item, "fixturenames", ()):
         report.sections.append(("ComfyUI server log (tail)", server.log_tail()))
+        item.session.stash[_LOG_SHOWN_KEY] = True
     return report
 
 
 _SERVER_KEY = pytest.StashKey["comfy_host.ComfyServer"]()
+_LOG_SHOWN_KEY = pytest.StashKey[bool]()
 
 
 @pytest.fixture(scope="session")
@@ -154,7 +187,7 @@ def comfy_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         yield server
     finally:
         server.stop()
-        if request.session.testsfailed:
+        if request.session.testsfailed and not request.session.stash.get(_LOG_SHOWN_KEY, False):
             reporter = request.config.pluginmanager.get_plugin("terminalreporter")
             if reporter is not None:
                 reporter.write_line(f"\n--- ComfyUI server log tail ({server.log_path}) ---\n{server.log_tail()}")

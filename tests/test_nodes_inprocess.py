@@ -287,3 +287,23 @@ def test_rescale_and_out_rank_options(nodes_by_id: dict[str, Any]) -> None:
     out, _ = _run(nodes_by_id, "ProLoRAProjectLoRA", lora=lora, match=match, mode="prolora", out_rank=2, rescale_to_source_norm=False)
     assert all(t.shape[0] == 2 for k, t in out.items() if k.endswith("lora_down.weight"))
     assert float(out.metadata.get("prolora.energy_dropped", "nan")) > 0
+
+
+def test_basis_reads_original_weights_while_a_patched_clone_is_loaded(nodes_by_id: dict[str, Any]) -> None:
+    """Sampling with a LoRA-patched clone patches the shared weights in place; the basis of the
+    plain model must still be of its own (unpatched) weights."""
+    from comfy_extras.nodes_train import LoraModelLoader
+
+    src = comfy_host.tiny_sd15_model(0)
+    lora = _kohya_lora(src)
+    key = f"diffusion_model.{MODULES[0]}.weight"
+    original = src.model.state_dict()[key].detach().clone()
+    (patched,) = LoraModelLoader.execute(model=src, lora={f"diffusion_model.{MODULES[0]}.lora_up.weight": lora[f"lora_unet_{MODULES[0].replace('.', '_')}.lora_up.weight"],
+                                                          f"diffusion_model.{MODULES[0]}.lora_down.weight": lora[f"lora_unet_{MODULES[0].replace('.', '_')}.lora_down.weight"]},
+                                         strength_model=1.0).args
+    comfy_host.sample_step(patched, comfy_host.tiny_conditioning(patched), comfy_host.tiny_conditioning(patched, seed=1))
+    assert not torch.equal(src.model.state_dict()[key], original), "the clone's patch should now sit in the shared weights"
+    (bs,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=src, clip=None, subspace_rank=0, device="cpu", use_cache=False)
+    assert torch.equal(bs.parts["unet"].get(key), original)
+    (bp,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=patched, clip=None, subspace_rank=0, device="cpu", use_cache=False)
+    assert not torch.equal(bp.parts["unet"].get(key), original)
