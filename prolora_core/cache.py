@@ -61,6 +61,7 @@ class BasisCache:
         self.settings = settings
         self.folder = self.root / "bases" / settings.key()
         self.stats = CacheStats()
+        self._write_failed = False  # after one failed write, stop trying (and warning) for this run
 
     @property
     def memo_dir(self) -> Path:
@@ -106,7 +107,9 @@ class BasisCache:
         return basis.truncate(k)
 
     def store(self, content_key: str, basis: Basis) -> None:
-        """Publish ``basis`` atomically (best effort: a read-only cache folder only logs a warning)."""
+        """Publish ``basis`` atomically (best effort: a read-only cache folder logs one warning per run)."""
+        if self._write_failed:
+            return
         path = self._path(content_key)
         U, S, V = (t.detach().to("cpu").contiguous() for t in (basis.U, basis.S, basis.V))
         info = {"shape": list(basis.shape), "method": basis.method, "iterations": basis.iterations, "subspace_change": basis.subspace_change}
@@ -116,7 +119,8 @@ class BasisCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_save({"U": U, "S": S, "V": V}, path, meta)
         except OSError as e:
-            log.warning("prolora: cannot write basis cache entry %s (%s)", path, e)
+            self._write_failed = True
+            log.warning("prolora: cannot write to the basis cache (%s); this run continues without storing bases", e)
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())

@@ -40,6 +40,12 @@ def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
 
 
+def _first(items: Sequence[str], limit: int = 5) -> str:
+    """The first ``limit`` items, and how many more there are (the report lists them all)."""
+    more = f" and {len(items) - limit} more (--report lists them all)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
 class _Progress:
     """Progress lines on stderr, at most ~20 per run."""
 
@@ -105,8 +111,15 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         outs = [check_output_path(out_dir / f"{p.stem}{args.suffix}.safetensors", inputs) for p in paths]
     else:
         outs = [check_output_path(args.out, inputs)]
+    seen: dict[Path, Path] = {}
+    for lora_path, out in zip(paths, outs):
+        if out.resolve() in seen:
+            raise ProLoRAError(f"two LoRAs would be written to the same output (the other is {seen[out.resolve()]}); rename one", file=lora_path)
+        seen[out.resolve()] = lora_path
     if args.report:
-        check_output_path(args.report, inputs)
+        report_path = check_output_path(args.report, inputs)
+        if report_path.resolve() in seen:
+            raise ProLoRAError("the report would overwrite the output LoRA; choose another --report name", file=report_path)
     cache = _cache(args, settings)
     memo = cache.memo_dir if cache is not None else None
     source = SafetensorsWeights(args.source_base, memo)
@@ -114,11 +127,11 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     loras: list[LoraFile] = [read_lora(p) for p in paths]
     for lora in loras:
         if lora.unknown_keys:
-            _warn(f"{lora.path}: {len(lora.unknown_keys)} keys are not LoRA factors and are left out: {', '.join(lora.unknown_keys[:5])}")
+            _warn(f"{lora.path}: {len(lora.unknown_keys)} keys are not LoRA factors and are left out: {_first(lora.unknown_keys)}")
     plan = plan_by_names(loras, source)
     missing = [p for p in plan if p.source_key is None]
     if missing:
-        names = ", ".join(f"'{p.module.name}'" for p in missing[:5])
+        names = _first([f"'{p.module.name}'" for p in missing])
         msg = f"{len(missing)} LoRA modules have no weight in {source.label}: {names}"
         if args.strict:
             raise ProLoRAError(msg + " (--strict)", file=loras[missing[0].lora_index].path)
@@ -140,7 +153,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         print(f"wrote {out}: {summary['transferred']}/{summary['modules']} modules transferred ({config.mode})", file=sys.stderr)
         skipped = [m for m in result.modules if not m.transferred and m.source_key is not None]
         if skipped:
-            _warn(f"{len(skipped)} modules not transferred: " + ", ".join(f"{m.source} ({m.reason})" for m in skipped[:5]))
+            _warn(f"{len(skipped)} modules not transferred: " + _first([f"{m.source} ({m.reason})" for m in skipped]))
     if args.report:
         report = {
             "modules": [m.as_dict() for m in all_modules],
@@ -156,7 +169,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         tmp = Path(args.report)
         atomic_write_text(tmp, json.dumps(report, indent=2, sort_keys=True))
     if not any_done:
-        _err("no module could be transferred (see the warnings above)")
+        names = ", ".join(str(r.lora.path) for r in results)
+        _err(f"{names}: no module could be transferred to {target.label} (see the warnings above)")
         return EXIT_NOTHING
     return 0
 

@@ -27,6 +27,13 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return int(shape[0]), n
 
 
+def all_finite(t: Tensor) -> bool:
+    """No NaN or Inf in ``t``; works for every dtype (torch has no ``isfinite`` for 8-bit floats)."""
+    if not torch.is_floating_point(t):
+        return True
+    return bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())
+
+
 def project_left(U: Tensor, X: Tensor) -> Tensor:
     """``P_U X = U (Uᵀ X)`` for ``U`` ``m × k`` and ``X`` ``m × r``."""
     return U @ (U.T @ X)

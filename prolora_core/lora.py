@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .errors import ProLoRAError
+from .linalg import all_finite
 from .projection import Factors
 from .safetensors_io import SafetensorsReader
 
@@ -161,8 +162,8 @@ def parse_state_dict(state: dict[str, Tensor], path: Path | None = None, metadat
 def _check_tensor(t: Tensor, where: str, key: str) -> None:
     if not torch.is_floating_point(t):
         raise ProLoRAError(f"has integer dtype {str(t.dtype).removeprefix('torch.')}; LoRA factors must be floating point", file=where, key=key)
-    if not bool(torch.isfinite(t).all()):
-        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+    if not all_finite(t):
+        bad = "NaN" if bool(torch.isnan(t.float()).any()) else "Inf"
         raise ProLoRAError(f"contains {bad} values", file=where, key=key)
 
 

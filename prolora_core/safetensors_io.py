@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .errors import ProLoRAError
 
@@ -158,11 +158,25 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "wb") as fh:
+            fh.write(canonical_safetensors_bytes(tensors, metadata))
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def canonical_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file whose header is sorted JSON, so equal inputs give byte-identical files.
+
+    ``safetensors`` itself writes ``__metadata__`` in hash-map order, which changes from one
+    process to the next; the tensor data (and its order) is kept exactly as it serialises it.
+    """
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    header += b" " * (-len(header) % 8)  # the format pads the header with spaces to 8-byte alignment
+    return struct.pack("<Q", len(header)) + header + data[8 + n :]
 
 
 def metadata_json(value: Any) -> str:

@@ -16,7 +16,7 @@ from .cache import BasisCache
 from .errors import ProLoRAError
 from .lora import LoraFile, LoraModule, module_tensors
 from .names import BaseIndex, name_style
-from .linalg import matrix_shape, resolve_device
+from .linalg import all_finite, matrix_shape, resolve_device
 from .projection import MODES, Factors, Mode, project, recompress
 from .similarity import Similarity, basis_similarity
 from .weights import WeightSource
@@ -145,8 +145,9 @@ class BasisProvider:
                 self.stats.bases_from_cache += 1
                 return hit.to(self.device)
         w = source.get(key)
-        if not bool(torch.isfinite(w).all()):
-            raise ProLoRAError("base weight contains NaN or Inf values", file=source.label, key=key)
+        if not all_finite(w):
+            # The full path when the source has one: source and target are often both "model.safetensors".
+            raise ProLoRAError("base weight contains NaN or Inf values", file=getattr(source, "path", None) or source.label, key=key)
         basis = compute_basis(w, k, self.settings, self.device)
         self.stats.svd_computed += 1
         self.stats.worst_subspace_change = max(self.stats.worst_subspace_change, basis.subspace_change)

@@ -47,6 +47,17 @@ def content_key_of_tensor(t: Tensor) -> str:
     return content_key_of_bytes(flat.view(torch.uint8).numpy().data, str(t.dtype).removeprefix("torch."), tuple(t.shape))
 
 
+def _read_memo(path: Path) -> dict[str, str]:
+    """Remembered content keys, or ``{}`` when the memo is missing, unreadable or malformed."""
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(memo, dict) or not all(isinstance(k, str) and isinstance(v, str) and len(v) == 32 for k, v in memo.items()):
+        return {}
+    return memo
+
+
 class SafetensorsWeights:
     """Module weights of a base model stored as safetensors (``<module>.weight`` keys).
 
@@ -64,12 +75,11 @@ class SafetensorsWeights:
         self._memo_dirty = False
         if memo_dir is not None:
             st = self.path.stat()
-            ident = f"{self.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{xxhash.xxh3_128_hexdigest(self.reader.header.header_bytes)}"
+            # ctime too: a rewrite that restores the old mtime (``touch -r``, ``os.utime``) still changes it.
+            ident = (f"{self.path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}|"
+                     f"{xxhash.xxh3_128_hexdigest(self.reader.header.header_bytes)}")
             self._memo_path = memo_dir / f"{xxhash.xxh3_128_hexdigest(ident.encode())}.json"
-            try:
-                self._memo = json.loads(self._memo_path.read_text())
-            except (OSError, ValueError):
-                self._memo = {}
+            self._memo = _read_memo(self._memo_path)
 
     def keys(self) -> list[str]:
         return self.reader.keys()
@@ -79,7 +89,7 @@ class SafetensorsWeights:
 
     def get(self, key: str) -> Tensor:
         t = self.reader.get(key)
-        if not torch.is_floating_point(t):
+        if not torch.is_floating_point(t) or t.element_size() == 1:
             raise ProLoRAError(f"base weight has dtype {t.dtype}; fp8/quantized or integer bases are not supported", file=self.path, key=key)
         return t
 
