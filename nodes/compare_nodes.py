@@ -10,7 +10,8 @@ import random
 import re
 import string
 from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -221,7 +222,8 @@ def distance_table(branches: Sequence[torch.Tensor], labels: Sequence[str]) -> t
     found = []
     for i, j in pairs:
         d = branch_distances(branches[i], branches[j])
-        found.append({"a": i, "b": j, "a_label": labels[i], "b_label": labels[j], **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}})
+        rounded = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
+        found.append({"a": i, "b": j, "a_label": labels[i], "b_label": labels[j], **rounded})
     if not found:
         return f"ProLoRA compare: one branch ({labels[0]}), nothing to compare.", found
 
@@ -310,8 +312,7 @@ def split_key(part: str, key: str) -> tuple[tuple, str, str]:
     one block ("mid"); numbered ``*blocks``/``*layers`` of other models (double_blocks.3, encoder.layers.0)
     are blocks too; anything else (time_embed.0, out.2) is a block of its own, named by its first
     component."""
-    k = key[: -len(".weight")] if key.endswith(".weight") else key
-    k = k.removeprefix("diffusion_model.")
+    k = key.removesuffix(".weight").removeprefix("diffusion_model.")
     part_rank = _PART_ORDER.get(part, 2)
     m = _BLOCK_RE.match(k)
     if m is None:
@@ -592,7 +593,8 @@ def _render_pil(data: ReportData) -> np.ndarray:
     # Φ strip with threshold and chance
     sx0, sy0, sx1, sy1 = 60, int(height * 0.58), int(width * 0.55), height - 50
     d.rectangle([sx0, sy0, sx1, sy1], outline="black")
-    d.text((sx0, sy0 - 22), "Phi per module (model order); dashed: threshold, grey: chance k/d; green: transferred, red: skipped", fill="black", font=small)
+    d.text((sx0, sy0 - 22), "Phi per module (model order); dashed: threshold, grey: chance k/d; green: transferred, red: skipped",
+           fill="black", font=small)
 
     def ypos(v: float) -> float:
         return sy1 - v * (sy1 - sy0)

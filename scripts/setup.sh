@@ -7,16 +7,18 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv"
 HOST="$ROOT/.comfyui"
-STAMP="$VENV/.prolora-setup-v1"
+STAMP="$VENV/.prolora-setup-v2"
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
-if [[ -f "$STAMP" && -f "$HOST/main.py" ]]; then
+if [[ -f "$STAMP" && -f "$HOST/main.py" && -x /usr/bin/chromium && -f "$ROOT/tests/browser/node_modules/playwright-core/package.json" ]]; then
   exit 0
 fi
 
-echo "[setup] creating $VENV with $($PY --version)" >&2
-"$PY" -m venv "$VENV"
+if [[ ! -x "$VENV/bin/python" ]]; then
+  echo "[setup] creating $VENV with $($PY --version)" >&2
+  "$PY" -m venv "$VENV"
+fi
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 CONSTRAINTS="$ROOT/scripts/constraints.txt"
 
@@ -51,5 +53,13 @@ grep -v -E '^(torch|torchvision|torchaudio|spandrel)\s*$' "$HOST/requirements.tx
 "${PIP[@]}" -c "$CONSTRAINTS" -r "$VENV/comfy-requirements.txt"
 # 3. the pack's own needs and the test tools
 "${PIP[@]}" -c "$CONSTRAINTS" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt"
+# 4. browser-test tools (tests/test_browser.py): Debian's Chromium, playwright-core pinned in tests/browser/package-lock.json
+if [[ ! -x /usr/bin/chromium ]]; then
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+if [[ ! -f "$ROOT/tests/browser/node_modules/playwright-core/package.json" ]]; then
+  npm ci --prefix "$ROOT/tests/browser" --no-audit --no-fund --silent
+fi
 touch "$STAMP"
 echo "[setup] done: $VENV, ComfyUI host in $HOST" >&2

@@ -1,0 +1,277 @@
+"""Compare and Report nodes, in-process on real tensors: the labelled grid (sizes, dtype, range, labels
+drawn, odd inputs), the distances, the temp-folder ui images, and the Report picture of a real
+MatchHandle built by the real Compute Basis / Match Modules / Project LoRA nodes on tiny models."""
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import comfy_host
+
+MODULES = [
+    "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
+    "input_blocks.1.1.transformer_blocks.0.attn2.to_k",
+    "input_blocks.1.1.proj_in",
+    "input_blocks.1.0.in_layers.2",
+    "middle_block.1.transformer_blocks.0.ff.net.2",
+    "output_blocks.2.1.transformer_blocks.0.attn1.to_v",
+]
+
+
+@pytest.fixture(scope="module")
+def pack(comfyui: Any) -> Any:
+    return comfy_host.load_pack()
+
+
+@pytest.fixture(scope="module")
+def cmp(pack: Any) -> Any:
+    return sys.modules[pack.__name__ + ".nodes.compare_nodes"]
+
+
+@pytest.fixture(scope="module")
+def nodes_by_id(pack: Any) -> dict[str, Any]:
+    ext = asyncio.run(pack.comfy_entrypoint())
+    return {n.define_schema().node_id: n for n in asyncio.run(ext.get_node_list())}
+
+
+def _image(b: int, h: int, w: int, seed: int = 0, c: int = 3) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand((b, h, w, c), generator=gen)
+
+
+def _compare(nodes_by_id: dict[str, Any], labels: str, *images: torch.Tensor) -> tuple[torch.Tensor, str, dict[str, Any]]:
+    kwargs = {f"image_{i + 1}": img for i, img in enumerate(images)}
+    out = nodes_by_id["ProLoRACompare"].execute(labels=labels, **kwargs)
+    grid, text = out.args
+    return grid, text, out.ui
+
+
+def _check_image(t: torch.Tensor) -> None:
+    assert t.dtype == torch.float32 and t.ndim == 4 and t.shape[0] == 1 and t.shape[-1] == 3, (t.dtype, t.shape)
+    assert float(t.min()) >= 0.0 and float(t.max()) <= 1.0
+    assert torch.isfinite(t).all()
+
+
+def _band_has_text(cmp: Any, grid: torch.Tensor, layout: Any, column: int) -> bool:
+    """Bright (text) pixels in the label band above ``column``."""
+    x = layout.gap + column * (layout.cell[1] + layout.gap)
+    band = grid[0, : layout.band, x: x + layout.cell[1]]
+    return bool((band.mean(dim=-1) > 0.6).sum() >= 5)
+
+
+def test_both_nodes_have_tooltips_on_every_input_and_output(nodes_by_id: dict[str, Any]) -> None:
+    for node_id in ("ProLoRACompare", "ProLoRAReportImage"):
+        schema = nodes_by_id[node_id].define_schema()
+        assert schema.category == "ProLoRA" and schema.is_output_node
+        for item in [*schema.inputs, *schema.outputs]:
+            assert item.tooltip, f"{node_id}.{getattr(item, 'id', None) or item.display_name} has no tooltip"
+    inputs = [i.id for i in nodes_by_id["ProLoRACompare"].define_schema().inputs]
+    assert inputs == ["image_1", "image_2", "image_3", "image_4", "image_5", "image_6", "labels"]
+
+
+def test_grid_layout_labels_dtype_and_range(nodes_by_id: dict[str, Any], cmp: Any, comfy_dirs: Path) -> None:
+    a, b = _image(2, 40, 56, 1), _image(2, 40, 56, 2)
+    grid, text, ui = _compare(nodes_by_id, "base\nProLoRA", a, b)
+    _check_image(grid)
+    font = cmp.label_font(56)
+    layout = cmp.GridLayout(cell=(40, 56), band=cmp.label_band_height(font), rows=2, columns=2)
+    assert layout.band > 8  # the label band is part of the grid size
+    assert tuple(grid.shape[1:3]) == layout.size == (layout.band + 2 * 40 + 3 * cmp.GAP, 2 * 56 + 3 * cmp.GAP)
+    for col in range(2):
+        assert _band_has_text(cmp, grid, layout, col)
+    for row, col, src in ((0, 0, a[0]), (1, 0, a[1]), (0, 1, b[0]), (1, 1, b[1])):
+        y, x = layout.cell_origin(row, col)
+        assert torch.equal(grid[0, y: y + 40, x: x + 56], src)  # same-size inputs are placed unchanged
+    assert "base vs ProLoRA" in text and "rmse" in text and "colour" in text and "structure" in text
+    panel = ui["prolora_compare"][0]
+    assert panel["labels"] == ["base", "ProLoRA"] and panel["index"] == [[0, 1], [2, 3]] and panel["batch"] == [2, 2]
+    assert len(ui["images"]) == 4
+    for saved in ui["images"]:
+        assert saved["type"] == "temp"
+        assert (comfy_dirs / "temp" / saved["subfolder"] / saved["filename"]).is_file()
+
+
+def test_labels_without_text_do_not_draw(cmp: Any) -> None:
+    cell = torch.zeros((1, 30, 60, 3))
+    grid, layout = cmp.make_grid([cell, cell], ["", "x"])
+    assert not _band_has_text(cmp, grid, layout, 0) and _band_has_text(cmp, grid, layout, 1)
+
+
+def test_different_sizes_are_fitted_and_padded_to_a_common_cell(nodes_by_id: dict[str, Any], cmp: Any, comfy_dirs: Path) -> None:
+    tall, wide = torch.ones((1, 64, 32, 3)), torch.ones((1, 24, 96, 3)) * 0.5
+    grid, text, ui = _compare(nodes_by_id, "tall, wide", tall, wide)
+    _check_image(grid)
+    font = cmp.label_font(96)
+    layout = cmp.GridLayout(cell=(64, 96), band=cmp.label_band_height(font), rows=1, columns=2)
+    assert tuple(grid.shape[1:3]) == layout.size
+    y, x = layout.cell_origin(0, 0)
+    cell = grid[0, y: y + 64, x: x + 96]
+    assert torch.allclose(cell[:, 32:64], torch.ones(64, 32, 3))  # the tall image, centred, unscaled
+    assert torch.allclose(cell[:, :32], torch.tensor(cmp.BACKGROUND).expand(64, 32, 3))  # padding
+    y, x = layout.cell_origin(0, 1)
+    cell = grid[0, y: y + 64, x: x + 96]
+    assert torch.allclose(cell[20:44], torch.full((24, 96, 3), 0.5), atol=1e-6)
+    assert ui["prolora_compare"][0]["cell"] == [64, 96]
+    assert "tall vs wide" in text
+
+
+def test_huge_inputs_are_scaled_down(cmp: Any) -> None:
+    assert cmp.common_cell([(4096, 1024), (512, 512)]) == (2048, 512)
+    fitted = cmp.fit_to_cell(torch.ones((1, 100, 50, 3)), (20, 20))
+    assert fitted.shape == (1, 20, 20, 3) and float(fitted.max()) <= 1.0
+
+
+def test_one_branch_batch_of_one_and_odd_channels(nodes_by_id: dict[str, Any], cmp: Any, comfy_dirs: Path) -> None:
+    grid, text, ui = _compare(nodes_by_id, "", _image(1, 16, 16, 3))
+    _check_image(grid)
+    assert "nothing to compare" in text and ui["prolora_compare"][0]["labels"] == ["image_1"]
+    grey, rgba = _image(1, 16, 16, 4, c=1), _image(3, 16, 16, 5, c=4) * 1.5 - 0.2  # out-of-range values are clamped
+    grid, text, ui = _compare(nodes_by_id, "grey", grey, rgba)
+    _check_image(grid)
+    assert ui["prolora_compare"][0]["labels"] == ["grey", "image_2"]
+    assert ui["prolora_compare"][0]["batch"] == [1, 3]
+    assert "(1 item)" in text  # distances pair batch items by index: only one pair here
+    layout = cmp.GridLayout(cell=(16, 16), band=cmp.label_band_height(cmp.label_font(16)), rows=3, columns=2)
+    assert tuple(grid.shape[1:3]) == layout.size
+    y, x = layout.cell_origin(2, 0)
+    assert torch.allclose(grid[0, y: y + 16, x: x + 16], torch.tensor(cmp.BACKGROUND).expand(16, 16, 3))  # missing item: empty
+
+
+def test_six_branches_and_label_parsing(nodes_by_id: dict[str, Any], cmp: Any, comfy_dirs: Path) -> None:
+    images = [_image(1, 8 + 4 * i, 12, i) for i in range(6)]
+    grid, text, ui = _compare(nodes_by_id, "a, b ,c", *images)
+    _check_image(grid)
+    panel = ui["prolora_compare"][0]
+    assert panel["labels"] == ["a", "b", "c", "image_4", "image_5", "image_6"]
+    assert len(panel["pairs"]) == 15 and [p["b"] for p in panel["pairs"][:5]] == [1, 2, 3, 4, 5]  # reference pairs first
+    assert text.index("vs reference:") < text.index("a vs image_6") < text.index("other pairs:") < text.index("b vs c")
+    assert cmp.parse_labels("x\n\ny\n", 3) == ["x", "image_2", "y"]
+    assert cmp.parse_labels("one, two", 1) == ["one"]
+
+
+def test_distances_are_zero_for_equal_images_and_one_for_opposites(cmp: Any) -> None:
+    img = _image(1, 32, 32, 7)[0]
+    d = cmp.image_distances(img, img.clone())
+    assert d == {"rmse": 0.0, "colour": 0.0, "structure": 0.0}
+    black, white = torch.zeros((32, 32, 3)), torch.ones((32, 32, 3))
+    d = cmp.image_distances(black, white)
+    assert d["rmse"] == pytest.approx(1.0) and d["colour"] == pytest.approx(1.0) and d["structure"] == 0.0
+    checker = ((torch.arange(32)[:, None] // 4 + torch.arange(32)[None, :] // 4) % 2).float()[..., None].expand(32, 32, 3)
+    assert cmp.image_distances(checker, torch.full((32, 32, 3), 0.5))["structure"] == pytest.approx(1.0)
+    shifted = torch.roll(checker, 1, dims=1)
+    d_shift, d_noise = cmp.image_distances(checker, shifted), cmp.image_distances(checker, (checker + 0.05).clamp(0, 1))
+    assert d_noise["rmse"] < d_shift["rmse"] and d_noise["structure"] < 0.05
+
+
+# --------------------------------------------------------------------------------------
+# Report on a real match
+# --------------------------------------------------------------------------------------
+
+
+def _kohya_lora(model: Any, modules: list[str], seed: int = 1) -> dict[str, torch.Tensor]:
+    sd = model.model.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for mod in modules:
+        w = sd[f"diffusion_model.{mod}.weight"]
+        name = "lora_unet_" + mod.replace(".", "_")
+        out[f"{name}.lora_down.weight"] = 0.1 * torch.randn((4, *w.shape[1:]), generator=gen)
+        out[f"{name}.lora_up.weight"] = 0.1 * torch.randn((w.shape[0], 4, *([1, 1] if w.ndim == 4 else [])), generator=gen)
+        out[f"{name}.alpha"] = torch.tensor(2.0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def transfer(nodes_by_id: dict[str, Any], comfyui: Any) -> dict[str, Any]:
+    """Real bases of a tiny SD1.5 model and a partly re-initialised descendant: the output blocks are
+    new weights, so some modules pass the threshold and others are skipped."""
+    src = comfy_host.tiny_sd15_model(0)
+    tgt = comfy_host.tiny_sd15_model(0)
+    fresh = comfy_host.tiny_sd15_model(11)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for (name, p_s), p_t, p_f in zip(src.model.named_parameters(), tgt.model.parameters(), fresh.model.parameters()):
+            p_t.copy_(p_f if "output_blocks" in name else p_s + 0.05 * p_s.abs().mean() * torch.randn(p_s.shape, generator=gen))
+
+    def run(node_id: str, **kw: Any) -> Any:
+        return nodes_by_id[node_id].execute(**kw)
+
+    (bs,) = run("ProLoRAComputeBasis", model=src, clip=None, subspace_rank=0, device="cpu", use_cache=False).args
+    (bt,) = run("ProLoRAComputeBasis", model=tgt, clip=None, subspace_rank=0, device="cpu", use_cache=False).args
+    lora = _kohya_lora(src, MODULES)
+    match = run("ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=lora, threshold=0.6, pairing="name")
+    return {"bs": bs, "bt": bt, "lora": lora, "match": match.args[0], "ui": match.ui, "run": run}
+
+
+def test_report_groups_modules_by_block(cmp: Any) -> None:
+    cases = {
+        "diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight": ("in 4", "attn2.to_k"),
+        "diffusion_model.middle_block.1.transformer_blocks.0.ff.net.0.proj.weight": ("mid", "ff.net.0.proj"),
+        "diffusion_model.middle_block.0.in_layers.2.weight": ("mid", "in_layers.2"),
+        "diffusion_model.output_blocks.11.0.skip_connection.weight": ("out 11", "skip_connection"),
+        "diffusion_model.time_embed.0.weight": ("time_embed", "time_embed.0"),
+        "diffusion_model.input_blocks.0.0.weight": ("in 0", "conv"),
+        "diffusion_model.double_blocks.3.img_attn.qkv.weight": ("double 3", "img_attn.qkv"),
+    }
+    for key, expected in cases.items():
+        assert cmp.split_key("unet", key)[1:] == expected, key
+    assert cmp.split_key("clip", "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight")[1:] == ("clip:L 0", "self_attn.q_proj")
+    order = [cmp.split_key("unet", f"diffusion_model.{k}.weight")[0] for k in ("input_blocks.1.0.x", "input_blocks.10.0.x", "middle_block.1.x",
+                                                                                 "output_blocks.0.0.x")]
+    assert order == sorted(order)
+
+
+def test_report_image_of_a_real_match_with_lora_norms(transfer: dict[str, Any], cmp: Any, comfy_dirs: Path) -> None:
+    match, lora, run = transfer["match"], transfer["lora"], transfer["run"]
+    rows = match.rows()
+    assert 0 < sum(r["passes"] for r in rows) < len(rows), [(r["source"], r["phi_u"], r["phi_v"]) for r in rows]
+    out = run("ProLoRAReportImage", match=match, lora=lora, mode="prolora-full")
+    (image,) = out.args
+    _check_image(image)
+    assert tuple(image.shape) == (1, cmp.REPORT_SIZE[1], cmp.REPORT_SIZE[0], 3)
+    assert float(image.std()) > 0.05
+    assert out.ui.as_dict()["images"][0]["type"] == "temp"
+    data = cmp.report_data(match, lora, "prolora-full")
+    assert len(data.norms) == len(MODULES) and {n["transferred"] for n in data.norms} == {True, False}
+    _, report = run("ProLoRAProjectLoRA", lora=lora, match=match, mode="prolora-full", out_rank=0, rescale_to_source_norm=False).args
+    done = [n for n in data.norms if n["transferred"]]
+    ratio = sum(n["transferred_norm"] ** 2 for n in done) ** 0.5 / sum(n["source_norm"] ** 2 for n in done) ** 0.5
+    assert f"overall norm ratio transferred/source: {ratio:.3f}" in report  # the same projection as Project LoRA
+    assert f"{len(done)}/{len(MODULES)} modules transferred" in report
+    blocks, kinds, cells = cmp.module_grid(data.rows)
+    assert blocks == ["in 1", "mid", "out 2"] and "attn1.to_q" in kinds
+    assert cells[("out 2", "attn1.to_v")].passes == [False]
+    artifacts = comfy_host.REPO_ROOT / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    from PIL import Image
+
+    Image.fromarray((image[0].numpy() * 255).round().astype("uint8")).save(artifacts / "report_image.png")
+
+
+def test_report_image_of_every_module_without_lora_and_pil_fallback(transfer: dict[str, Any], cmp: Any, comfy_dirs: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    run = transfer["run"]
+    (match, _) = run("ProLoRAMatchModules", source_basis=transfer["bs"], target_basis=transfer["bt"], lora=None, threshold=0.6,
+                     pairing="name").args
+    data = cmp.report_data(match)
+    assert data.norms is None and len(data.rows) > 20
+    blocks, _, _ = cmp.module_grid(data.rows)
+    assert blocks.index("in 1") < blocks.index("mid") < blocks.index("out 0")
+    (image,) = run("ProLoRAReportImage", match=match, lora=None, mode="prolora-full").args
+    _check_image(image)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if matplotlib were not installed
+    fallback = cmp.render_report(data)
+    _check_image(fallback)
+    assert fallback.shape == image.shape and float(fallback.std()) > 0.05
+    assert not torch.equal(fallback, image)
+    artifacts = comfy_host.REPO_ROOT / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    from PIL import Image
+
+    for name, img in (("report_all_modules.png", image), ("report_pil_fallback.png", fallback)):
+        Image.fromarray((img[0].numpy() * 255).round().astype("uint8")).save(artifacts / name)
