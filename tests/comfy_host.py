@@ -51,10 +51,15 @@ SETUP_HINT = (
 # --------------------------------------------------------------------------------------
 
 
-def require_comfyui() -> None:
-    """Fail the current test (never skip) when the ComfyUI host is missing or mis-wired."""
+def require_host_files() -> None:
+    """Fail the current test (never skip) when the ComfyUI host is not set up."""
     if not (COMFYUI_DIR / "main.py").is_file():
         pytest.fail(SETUP_HINT, pytrace=False)
+
+
+def require_comfyui() -> None:
+    """Fail the current test (never skip) when the ComfyUI host is missing or mis-wired for in-process use."""
+    require_host_files()
     spec = importlib.util.find_spec("comfy")  # a namespace package: no __init__.py, no origin
     locations = [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
     if (COMFYUI_DIR / "comfy").resolve() not in locations[:1]:
@@ -494,7 +499,7 @@ def start_comfy_server(base_dir: Path, *, startup_timeout: float = 90.0, extra_a
     Waits until ``/object_info`` answers; on failure stops the process and fails the test
     with the log tail. The caller must call :meth:`ComfyServer.stop`.
     """
-    require_comfyui()
+    require_host_files()
     prepare_base_dir(base_dir)
     port = free_loopback_port()
     log_path = base_dir / "comfyui.log"
