@@ -13,9 +13,6 @@ Missing tools FAIL the test (never skip): install them with
 """
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,12 +21,10 @@ import torch
 from safetensors.torch import save_file
 
 import comfy_host
+from browser_host import drive
 
 pytestmark = pytest.mark.server
 
-BROWSER_DIR = comfy_host.REPO_ROOT / "tests" / "browser"
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = comfy_host.REPO_ROOT / "artifacts"
 PACK_URL = f"/extensions/{comfy_host.PACK_DIR_NAME}"
 MODULES = [
     "input_blocks.1.1.transformer_blocks.0.attn1.to_q",
@@ -41,19 +36,6 @@ MODULES = [
 ]
 #: Widget-type inputs (everything else in /object_info is a link input).
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-
-
-def require_browser_tools() -> None:
-    """Fail (not skip) with the commands to run when Chromium, Node or playwright-core is missing."""
-    missing = []
-    if not CHROMIUM.is_file():
-        missing.append(f"{CHROMIUM} (apt-get install -y chromium)")
-    if shutil.which("node") is None:
-        missing.append("node >= 20 (apt-get install -y nodejs npm)")
-    if not (BROWSER_DIR / "node_modules" / "playwright-core" / "package.json").is_file():
-        missing.append(f"playwright-core in {BROWSER_DIR}/node_modules (npm ci --prefix tests/browser)")
-    if missing:
-        pytest.fail("browser test tools are missing: " + "; ".join(missing) + ". scripts/setup.sh installs them.", pytrace=False)
 
 
 def _lora(model: Any, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -193,22 +175,6 @@ def ui_workflow(api: dict[str, dict[str, Any]], object_info: dict[str, Any]) -> 
                       "widgets_values": widgets})
     return {"last_node_id": max(int(k) for k in api), "last_link_id": link_id, "nodes": nodes, "links": links, "groups": [],
             "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [70, 150]}}, "version": 0.4}
-
-
-def drive(server: comfy_host.ComfyServer, workflow: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
-    require_browser_tools()
-    config = {"url": server.url, "workflow": workflow, "user_data_dir": str(tmp_path / "chromium-profile"), "out_dir": str(ARTIFACTS),
-              "executable": str(CHROMIUM), "timeout_s": 150}
-    (tmp_path / "chromium-profile").mkdir()
-    cfg_path = tmp_path / "drive.json"
-    cfg_path.write_text(json.dumps(config))
-    proc = subprocess.run(["node", str(BROWSER_DIR / "drive.mjs"), str(cfg_path)], capture_output=True, text=True, timeout=180,
-                          cwd=BROWSER_DIR)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert proc.returncode == 0 and lines, f"drive.mjs failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}"
-    result = json.loads(lines[-1])
-    assert "error" not in result, f"{result['error']}\nstderr:\n{proc.stderr[-3000:]}\nscreenshot: {result['screenshots']}"
-    return result
 
 
 def test_extensions_list_our_js_exactly_once_and_docs_are_served(server: comfy_host.ComfyServer) -> None:

@@ -234,6 +234,7 @@ app.registerExtension({
         onExecuted?.apply(this, arguments);
         const data = output?.prolora_match?.[0];
         if (!data || !this.__prolora) return;
+        this.__prolora.panel.dataset.node = String(this.id);
         renderMatch(this.__prolora.panel, data);
         grow(this, 460, Math.min(360, 90 + 20 * (data.rows?.length ?? 0)));
       };
@@ -249,6 +250,7 @@ app.registerExtension({
         onExecuted?.apply(this, arguments);
         const data = output?.prolora_compare?.[0];
         if (!data || !this.__prolora) return;
+        this.__prolora.panel.dataset.node = String(this.id);
         renderCompare(this.__prolora.panel, data, output.images || []);
         const [ch, cw] = data.cell || [1, 1];
         const width = Math.max(this.size[0], 380);

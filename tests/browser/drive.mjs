@@ -52,7 +52,7 @@ try {
   const t1 = Date.now();
   let done = null;
   while (!done) {
-    if (Date.now() - t1 > 120_000) throw new Error("the prompt did not finish within 120 s");
+    if (Date.now() - t1 > (cfg.prompt_timeout_s ?? 120) * 1000) throw new Error(`the prompt did not finish within ${cfg.prompt_timeout_s ?? 120} s`);
     done = await page.evaluate(async (known) => {
       const hist = await (await window.comfyAPI.api.api.fetchApi("/history")).json();
       const id = Object.keys(hist).find((k) => !known.includes(k) && hist[k].status?.completed !== undefined);
@@ -64,8 +64,19 @@ try {
   log(`prompt ${result.prompt_id} ${result.status} in ${Date.now() - t1} ms`);
 
   // the Match Modules panel
-  const match = page.locator('[data-prolora="prolora_match_report"]');
+  const match = page.locator('[data-prolora="prolora_match_report"]').first();
   await match.locator('[data-field="passing"]').waitFor({ timeout: 30_000 });
+  const matchCount = await page.locator('[data-prolora="prolora_match_report"] [data-field="passing"]').count();
+  if (matchCount < (cfg.match_panels ?? 1)) {
+    await page.waitForFunction((n) => document.querySelectorAll('[data-prolora="prolora_match_report"] [data-field="passing"]').length >= n,
+      cfg.match_panels, { timeout: 30_000 });
+  }
+  // every Match Modules panel, by node id (the first one is also reported alone below)
+  result.match_panels = await page.$$eval('[data-prolora="prolora_match_report"]', (els) => Object.fromEntries(els.map((el) => {
+    const f = (name) => el.querySelector(`[data-field="${name}"]`)?.textContent;
+    return [el.dataset.node, { passing: f("passing"), modules: f("modules"), threshold: f("threshold"), skipped: f("skipped"),
+      rows: el.querySelectorAll("tbody tr").length }];
+  })));
   result.match_panel = await match.evaluate((el) => {
     const f = (name) => el.querySelector(`[data-field="${name}"]`)?.textContent;
     const rect = el.getBoundingClientRect();
@@ -79,7 +90,7 @@ try {
   });
 
   // the Compare panel: both images loaded, then move the slider
-  const cmp = page.locator('[data-prolora="prolora_compare_view"]');
+  const cmp = page.locator('[data-prolora="prolora_compare_view"]').first();
   await cmp.locator(".prolora-stage img").first().waitFor({ timeout: 30_000 });
   await page.waitForFunction(() => {
     const imgs = document.querySelectorAll('[data-prolora="prolora_compare_view"] .prolora-stage img');
