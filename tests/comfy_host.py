@@ -186,6 +186,35 @@ def tiny_sdxl_model(seed: int = 0) -> ModelPatcher:
     return build_model("SDXL", SDXL_UNET_CONFIG, seed)
 
 
+def perturbed_copy(patcher: ModelPatcher, eps: float, seed: int) -> ModelPatcher:
+    """A "fine-tuned" descendant: a new model of the same architecture whose every parameter is the
+    source's plus ``eps`` × (mean |p|) × Gaussian noise (seeded)."""
+    target = build_model(model_kind(patcher), patcher.model.model_config.unet_config, seed=0)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p_src, p_tgt in zip(patcher.model.parameters(), target.model.parameters()):
+            p_tgt.copy_(p_src + eps * p_src.abs().mean() * torch.randn(p_src.shape, generator=gen))
+    return target
+
+
+def kohya_lora(patcher: ModelPatcher, modules: list[str], *, rank: int = 4, alpha: float | None = 4.0, scale: float = 0.1,
+               seed: int = 1) -> dict[str, torch.Tensor]:
+    """A random kohya LoRA (``lora_unet_<module with underscores>``) on ``modules`` of the UNet:
+    linear factors for linear weights, LoCon factors (down ``[r, in, kh, kw]``, up ``[out, r, 1, 1]``)
+    for conv weights; entries ~ N(0, scale²); ``alpha=None`` writes no alpha."""
+    sd = patcher.model.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for mod in modules:
+        w = sd[f"diffusion_model.{mod}.weight"]
+        name = "lora_unet_" + mod.replace(".", "_")
+        out[f"{name}.lora_down.weight"] = scale * torch.randn((rank, *w.shape[1:]), generator=gen)
+        out[f"{name}.lora_up.weight"] = scale * torch.randn((w.shape[0], rank, *([1, 1] if w.ndim == 4 else [])), generator=gen)
+        if alpha is not None:
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
 def model_kind(patcher: ModelPatcher) -> str:
     """"SD15" or "SDXL" for a model built by this module (from its model_config class)."""
     return type(patcher.model.model_config).__name__

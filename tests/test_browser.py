@@ -38,19 +38,6 @@ MODULES = [
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
-def _lora(model: Any, seed: int = 1) -> dict[str, torch.Tensor]:
-    sd = model.model.state_dict()
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for mod in MODULES:
-        w = sd[f"diffusion_model.{mod}.weight"]
-        name = "lora_unet_" + mod.replace(".", "_")
-        out[f"{name}.lora_down.weight"] = 0.1 * torch.randn((4, *w.shape[1:]), generator=gen)
-        out[f"{name}.lora_up.weight"] = 0.1 * torch.randn((w.shape[0], 4, *([1, 1] if w.ndim == 4 else [])), generator=gen)
-        out[f"{name}.alpha"] = torch.tensor(4.0)
-    return out
-
-
 def _input_pngs(folder: Path) -> None:
     from PIL import Image, ImageDraw
 
@@ -74,7 +61,7 @@ def server(comfyui: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[c
             p_t.copy_(p_f if "output_blocks" in name else p_s + 0.05 * p_s.abs().mean() * torch.randn(p_s.shape, generator=gen))
     comfy_host.save_model_state(src, base / "models" / "diffusion_models" / "tiny_src.safetensors")
     comfy_host.save_model_state(tgt, base / "models" / "diffusion_models" / "tiny_tgt.safetensors")
-    save_file(_lora(src), str(base / "models" / "loras" / "style.safetensors"))
+    save_file(comfy_host.kohya_lora(src, MODULES), str(base / "models" / "loras" / "style.safetensors"))
     _input_pngs(base / "input")
     server = comfy_host.start_comfy_server(base)
     yield server

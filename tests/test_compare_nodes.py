@@ -173,19 +173,6 @@ def test_distances_are_zero_for_equal_images_and_one_for_opposites(cmp: Any) -> 
 # --------------------------------------------------------------------------------------
 
 
-def _kohya_lora(model: Any, modules: list[str], seed: int = 1) -> dict[str, torch.Tensor]:
-    sd = model.model.state_dict()
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for mod in modules:
-        w = sd[f"diffusion_model.{mod}.weight"]
-        name = "lora_unet_" + mod.replace(".", "_")
-        out[f"{name}.lora_down.weight"] = 0.1 * torch.randn((4, *w.shape[1:]), generator=gen)
-        out[f"{name}.lora_up.weight"] = 0.1 * torch.randn((w.shape[0], 4, *([1, 1] if w.ndim == 4 else [])), generator=gen)
-        out[f"{name}.alpha"] = torch.tensor(2.0)
-    return out
-
-
 @pytest.fixture(scope="module")
 def transfer(nodes_by_id: dict[str, Any], comfyui: Any) -> dict[str, Any]:
     """Real bases of a tiny SD1.5 model and a partly re-initialised descendant: the output blocks are
@@ -203,7 +190,7 @@ def transfer(nodes_by_id: dict[str, Any], comfyui: Any) -> dict[str, Any]:
 
     (bs,) = run("ProLoRAComputeBasis", model=src, clip=None, subspace_rank=0, device="cpu", use_cache=False).args
     (bt,) = run("ProLoRAComputeBasis", model=tgt, clip=None, subspace_rank=0, device="cpu", use_cache=False).args
-    lora = _kohya_lora(src, MODULES)
+    lora = comfy_host.kohya_lora(src, MODULES, alpha=2.0)
     match = run("ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=lora, threshold=0.6, pairing="name")
     return {"bs": bs, "bt": bt, "lora": lora, "match": match.args[0], "ui": match.ui, "run": run}
 

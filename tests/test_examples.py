@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -30,21 +29,11 @@ def server(comfyui: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[c
     """A real server whose models/ holds tiny stand-ins for the real-checkpoint example."""
     base = comfy_host.prepare_base_dir(tmp_path_factory.mktemp("examples_base"))
     src = comfy_host.tiny_sd15_model(0)
-    tgt = comfy_host.tiny_sd15_model(0)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(21)
-        for p_s, p_t in zip(src.model.parameters(), tgt.model.parameters()):
-            p_t.copy_(p_s + 0.05 * p_s.abs().mean() * torch.randn(p_s.shape, generator=gen))
+    tgt = comfy_host.perturbed_copy(src, 0.05, seed=21)
     comfy_host.save_model_state(src, base / "models" / "diffusion_models" / "tiny_src.safetensors")
     comfy_host.save_model_state(tgt, base / "models" / "diffusion_models" / "tiny_tgt.safetensors")
-    sd = src.model.state_dict()
-    lora = {}
-    for mod in ("input_blocks.1.1.transformer_blocks.0.attn1.to_q", "middle_block.1.transformer_blocks.0.attn2.to_v"):
-        w = sd[f"diffusion_model.{mod}.weight"]
-        name = "lora_unet_" + mod.replace(".", "_")
-        lora[f"{name}.lora_up.weight"] = torch.randn((w.shape[0], 4), generator=gen)
-        lora[f"{name}.lora_down.weight"] = torch.randn((4, w.shape[1]), generator=gen)
-        lora[f"{name}.alpha"] = torch.tensor(4.0)
+    lora = comfy_host.kohya_lora(src, ["input_blocks.1.1.transformer_blocks.0.attn1.to_q", "middle_block.1.transformer_blocks.0.attn2.to_v"],
+                                 scale=1.0, seed=22)
     save_file(lora, str(base / "models" / "loras" / "tiny_lora.safetensors"), metadata={"ss_output_name": "tiny"})
     server = comfy_host.start_comfy_server(base)
     server.http.post(server.url + "/settings", json={"Comfy.TutorialCompleted": True}, timeout=10).raise_for_status()

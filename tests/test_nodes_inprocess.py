@@ -36,30 +36,11 @@ def nodes_by_id(pack: Any) -> dict[str, Any]:
 
 
 def _descendant(model: Any, seed: int, eps: float) -> Any:
-    """A 'fine-tuned' copy: every weight moved by eps relative noise."""
-    target = comfy_host.tiny_sd15_model(0)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for (_, p_src), (_, p_tgt) in zip(model.model.named_parameters(), target.model.named_parameters()):
-            p_tgt.copy_(p_src + eps * p_src.abs().mean() * torch.randn(p_src.shape, generator=gen))
-    return target
+    return comfy_host.perturbed_copy(model, eps, seed)
 
 
 def _kohya_lora(model: Any, rank: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
-    sd = model.model.state_dict()
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, torch.Tensor] = {}
-    for mod in MODULES:
-        w = sd[f"diffusion_model.{mod}.weight"]
-        name = "lora_unet_" + mod.replace(".", "_")
-        if w.ndim == 4:
-            out[f"{name}.lora_down.weight"] = 0.1 * torch.randn((rank, *w.shape[1:]), generator=gen)
-            out[f"{name}.lora_up.weight"] = 0.1 * torch.randn((w.shape[0], rank, 1, 1), generator=gen)
-        else:
-            out[f"{name}.lora_down.weight"] = 0.1 * torch.randn((rank, w.shape[1]), generator=gen)
-            out[f"{name}.lora_up.weight"] = 0.1 * torch.randn((w.shape[0], rank), generator=gen)
-        out[f"{name}.alpha"] = torch.tensor(2.0)
-    return out
+    return comfy_host.kohya_lora(model, MODULES, rank=rank, alpha=2.0, seed=seed)
 
 
 def _run(nodes_by_id: dict[str, Any], node_id: str, **kwargs: Any) -> tuple:

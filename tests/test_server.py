@@ -2,11 +2,9 @@
 /prompt, the files node feeding core LoraLoaderModelOnly, and a malformed workflow."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
 import comfy_host
@@ -18,36 +16,19 @@ OUR_NODES = ["ProLoRAComputeBasis", "ProLoRAMatchModules", "ProLoRAProjectLoRA",
              "ProLoRATransferLoRAFiles", "ProLoRATinyModelLoader", "ProLoRATinyConditioning"]
 
 
-def _lora_for(model: Any, modules: list[str], seed: int) -> dict[str, torch.Tensor]:
-    sd = model.model.state_dict()
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for mod in modules:
-        w = sd[f"diffusion_model.{mod}.weight"]
-        name = "lora_unet_" + mod.replace(".", "_")
-        out[f"{name}.lora_down.weight"] = 0.1 * torch.randn((4, *w.shape[1:]), generator=gen)
-        out[f"{name}.lora_up.weight"] = 0.1 * torch.randn((w.shape[0], 4, *([1, 1] if w.ndim == 4 else [])), generator=gen)
-        out[f"{name}.alpha"] = torch.tensor(4.0)
-    return out
-
-
 @pytest.fixture(scope="module")
 def server(comfyui: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[comfy_host.ComfyServer]:
     """A real server whose models/ already holds tiny SD1.5 source/target models and LoRAs."""
     base = comfy_host.prepare_base_dir(tmp_path_factory.mktemp("server_base"))
     src = comfy_host.tiny_sd15_model(0)
-    tgt = comfy_host.tiny_sd15_model(0)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(9)
-        for p_s, p_t in zip(src.model.parameters(), tgt.model.parameters()):
-            p_t.copy_(p_s + 0.05 * p_s.abs().mean() * torch.randn(p_s.shape, generator=gen))
+    tgt = comfy_host.perturbed_copy(src, 0.05, seed=9)
     comfy_host.save_model_state(src, base / "models" / "diffusion_models" / "tiny_src.safetensors")
     comfy_host.save_model_state(tgt, base / "models" / "diffusion_models" / "tiny_tgt.safetensors")
-    save_file(_lora_for(src, MODULES, 1), str(base / "models" / "loras" / "style.safetensors"), metadata={"ss_tag_frequency": "{}"})
-    save_file(_lora_for(src, MODULES[:2], 2), str(base / "models" / "loras" / "concept.safetensors"))
+    save_file(comfy_host.kohya_lora(src, MODULES, seed=1), str(base / "models" / "loras" / "style.safetensors"), metadata={"ss_tag_frequency": "{}"})
+    save_file(comfy_host.kohya_lora(src, MODULES[:2], seed=2), str(base / "models" / "loras" / "concept.safetensors"))
     sdxl = comfy_host.tiny_sdxl_model(0)
     sdxl_mod = next(k[len("diffusion_model."):-len(".weight")] for k in sdxl.model.state_dict() if k.endswith("attn2.to_k.weight"))
-    bad = _lora_for(sdxl, [sdxl_mod], 3)
+    bad = comfy_host.kohya_lora(sdxl, [sdxl_mod], seed=3)
     bad = {k.replace("lora_unet_" + sdxl_mod.replace(".", "_"), "lora_unet_" + MODULES[0].replace(".", "_")): v for k, v in bad.items()}
     save_file(bad, str(base / "models" / "loras" / "for_sdxl.safetensors"))
     server = comfy_host.start_comfy_server(base)
