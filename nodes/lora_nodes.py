@@ -10,6 +10,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..prolora_core.errors import ProLoRAError
+from ..prolora_core.lora import split_module_key
 from ..prolora_core.safetensors_io import PICKLE_SUFFIXES, SafetensorsReader, atomic_save
 from .bridge import LoraModel
 from .transfer_nodes import CATEGORY, PREFIX, LoraModelType
@@ -85,18 +86,11 @@ class SaveLoRA(io.ComfyNode):
         names = getattr(lora, "save_names", {}) if key_format == "as input" else {}
         tensors = {}
         for key, t in lora.items():
-            module, _, suffix = _split(key)
+            module, suffix = split_module_key(key)
             tensors[f"{names.get(module, module)}{suffix}"] = t
         atomic_save(tensors, path, getattr(lora, "metadata", None) or None)
         name = os.path.relpath(path, root).replace(os.sep, "/")
         return io.NodeOutput(name, ui={"text": [f"saved models/loras/{name}"]})
-
-
-def _split(key: str) -> tuple[str, str, str]:
-    for suffix in (".lora_up.weight", ".lora_down.weight", ".alpha"):
-        if key.endswith(suffix):
-            return key[: -len(suffix)], "", suffix
-    return key, "", ""
 
 
 class ApplyLoRA(io.ComfyNode):

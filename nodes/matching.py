@@ -1,6 +1,7 @@
 """The glue between ComfyUI objects and the engine's match/project phases (no math here)."""
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,17 +29,20 @@ class MatchHandle:
     svd_computed: int = 0
     bases_from_cache: int = 0
 
-    def ensure(self, part: str, keys: list[str]) -> None:
-        """Match the source weights in ``keys`` that are not matched yet."""
+    def ensure(self, part: str, keys: list[str], pair_only: Collection[str] = ()) -> None:
+        """Match the source weights in ``keys`` that are not matched yet (``pair_only``: by name
+        alone, no basis: weights that only carry 1-D parts); a weight matched that way earlier is
+        matched again when it now needs its bases."""
         have = self.matches.setdefault(part, {})
-        todo = [k for k in dict.fromkeys(keys) if k not in have]
+        src, tgt = self.source.parts[part], self.target.parts.get(part)
+        todo = [k for k in dict.fromkeys(keys)
+                if k not in have or (have[k].basis_free and k not in pair_only and len(src.shape(k)) >= 2)]
         if not todo:
             return
-        src, tgt = self.source.parts[part], self.target.parts.get(part)
         if tgt is None:
             raise ProLoRAError(f"the LoRA touches the {part} but the target basis was computed without it (connect a CLIP to Compute Basis)")
         cache = self.source.cache()
-        found, stats = match_modules(todo, src, tgt, self.config, cache, progress(len(todo)), check_interrupt)
+        found, stats = match_modules(todo, src, tgt, self.config, cache, progress(len(todo)), check_interrupt, pair_only)
         have.update(found)
         self.svd_computed += stats.svd_computed
         self.bases_from_cache += stats.bases_from_cache
@@ -117,7 +121,8 @@ def project_lora_model(lora_in: dict, match: MatchHandle, config: TransferConfig
     save_names: dict[str, str] = {}
     results: list[TransferResult] = []
     for part, plan in plans.items():
-        match.ensure(part, [p.source_key for p in plan if p.source_key])
+        keys = [p.source_key for p in plan if p.source_key]
+        match.ensure(part, keys, set(keys) - {p.source_key for p in plan if p.module.update is not None})
         inverse = _inverse(match.target.key_maps.get(part, {}))
 
         def name(p: Planned, m: ModuleMatch, part: str = part, inverse: dict = inverse) -> str:
@@ -125,7 +130,8 @@ def project_lora_model(lora_in: dict, match: MatchHandle, config: TransferConfig
             save_names[native] = p.module.name if not m.repaired else _same_style(p.module.name, inverse.get(m.target_key, []), native)  # type: ignore[arg-type]
             return native
 
-        (res,) = project_loras([lora], plan, match.matches[part], config, check_interrupt, name)
+        (res,) = project_loras([lora], plan, match.matches[part], config, check_interrupt, name,
+                               source=match.source.parts[part], target=match.target.parts.get(part))
         tensors.update(res.tensors)
         results.append(res)
     meta = output_metadata(_merged(lora, tensors, results), match.source.label, match.target.label, config)

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .linalg import as_matrix
+from .linalg import as_matrix, linalg_device
 
 Method = Literal["auto", "exact", "randomized"]
 
@@ -40,10 +40,13 @@ class BasisSettings:
     tol: float = 1e-5
     seed: int = 0
     compute_dtype: torch.dtype = torch.float32
+    #: one CPU thread for every basis and projection, so the bits do not depend on the thread count
+    deterministic: bool = False
 
     def key(self) -> str:
         dt = str(self.compute_dtype).removeprefix("torch.")
-        return f"v{ALGORITHM_VERSION}-{self.method}-p{self.oversample}-it{self.max_iter}-tol{self.tol:g}-s{self.seed}-{dt}"
+        det = "-det" if self.deterministic else ""
+        return f"v{ALGORITHM_VERSION}-{self.method}-p{self.oversample}-it{self.max_iter}-tol{self.tol:g}-s{self.seed}-{dt}{det}"
 
 
 @dataclass(frozen=True)
@@ -102,9 +105,12 @@ def compute_basis(weight: Tensor, k: int, settings: BasisSettings = BasisSetting
     """Top-k singular subspaces of ``weight`` (any float dtype; computed in ``settings.compute_dtype``).
 
     ``k`` must already be clamped (see :func:`clamp_rank`). The result lives on ``device``
-    (default: the weight's device).
+    (default: the weight's device); on Apple's MPS, which lacks QR and SVD, it is computed on the
+    CPU and moved there.
     """
     dev = torch.device(device) if device is not None else weight.device
+    if linalg_device(dev) != dev:
+        return compute_basis(weight, k, settings, linalg_device(dev)).to(dev)
     A = as_matrix(weight.detach()).to(device=dev, dtype=settings.compute_dtype)
     m, n = A.shape
     if not 1 <= k < min(m, n) + 1:

@@ -5,7 +5,8 @@ Layout: ``<root>/bases/<settings key>/<aa>/<content key>.safetensors`` holding `
 the one it holds. A corrupt, truncated or stale entry (checksum, shapes or settings disagree) is
 deleted and recomputed. Writes go to a temporary file that is then renamed into place, so readers
 never see a partial entry and two processes may fill the cache at once (the last rename wins, and
-both entries are equal).
+both entries are equal). A hit touches the entry's mtime, so :meth:`BasisCache.evict` can drop the
+least recently used entries when the cache outgrows a size limit.
 """
 from __future__ import annotations
 
@@ -42,7 +43,10 @@ def default_cache_dir() -> Path:
 def _checksum(*tensors: torch.Tensor) -> str:
     h = xxhash.xxh3_128()
     for t in tensors:
-        h.update(t.contiguous().view(torch.uint8).numpy().data)
+        # ``contiguous()`` may keep odd strides on size-1 dims (a k = 1 basis), which ``view`` refuses; the
+        # flat ``reshape`` of a contiguous tensor is a stride-1 view, so no copy is made (a copy of every
+        # tensor was ~15 % of a warm run: bench/bench_transfer.py). Same bytes, same digest.
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -103,6 +107,10 @@ class BasisCache:
             self.stats.misses += 1
             return None
         self.stats.hits += 1
+        try:
+            os.utime(path)  # recently used: evicted last
+        except OSError:
+            pass  # a read-only cache still serves
         basis = Basis(U, S, V, tuple(info["shape"]), info["method"], int(info["iterations"]), float(info["subspace_change"]))
         return basis.truncate(k)
 
@@ -121,6 +129,28 @@ class BasisCache:
         except OSError as e:
             self._write_failed = True
             log.warning("prolora: cannot write to the basis cache (%s); this run continues without storing bases", e)
+
+    def evict(self, max_bytes: int) -> int:
+        """Remove the least recently used bases (all settings) until they take at most
+        ``max_bytes``; returns how many were removed. An entry another process removes first is
+        skipped."""
+        entries = []
+        for p in (self.root / "bases").rglob("*.safetensors"):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            entries.append((max(st.st_mtime_ns, st.st_atime_ns), st.st_size, p))
+        entries.sort()
+        size = sum(e[1] for e in entries)
+        removed = 0
+        for _, nbytes, p in entries:
+            if size <= max_bytes:
+                break
+            p.unlink(missing_ok=True)
+            size -= nbytes
+            removed += 1
+        return removed
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())

@@ -20,7 +20,7 @@ import torch
 from .basis import BasisSettings
 from .cache import BasisCache, default_cache_dir
 from .errors import ProLoRAError
-from .lora import LoraFile, read_lora
+from .lora import LoraFile, LoraModule, read_lora
 from .names import BaseIndex
 from .projection import MODES
 from .provenance import output_metadata
@@ -73,8 +73,11 @@ def _lora_paths(items: Sequence[str]) -> list[Path]:
     return paths
 
 
+SAVE_DTYPES: dict[str, torch.dtype | None] = {"keep": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
 def _basis_settings(args: argparse.Namespace) -> BasisSettings:
-    return BasisSettings(method=args.basis_method, seed=args.seed,
+    return BasisSettings(method=args.basis_method, seed=args.seed, deterministic=getattr(args, "deterministic", False),
                          compute_dtype=torch.float64 if args.compute_dtype == "float64" else torch.float32)
 
 
@@ -102,7 +105,10 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         raise ProLoRAError("give --out (a file) or --out-dir (a folder)")
     settings = _basis_settings(args)
     config = TransferConfig(mode=args.mode, subspace_rank=args.subspace_rank, threshold=args.threshold, pairing=args.pairing,
-                            out_rank=args.out_rank, rescale_to_source_norm=args.rescale, strict=args.strict, device=args.device, basis=settings)
+                            out_rank=args.out_rank, rescale_to_source_norm=args.rescale, strict=args.strict, device=args.device, basis=settings,
+                            save_dtype=SAVE_DTYPES[args.save_dtype])
+    if args.cache_max_mb is not None and args.cache_max_mb < 0:
+        raise ProLoRAError(f"--cache-max-mb must not be negative, got {args.cache_max_mb}")
     inputs = [args.source_base, args.target_base, *paths]
     if args.out_dir:
         out_dir = Path(args.out_dir)
@@ -139,6 +145,10 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     results, stats = transfer(loras, plan, source, target, config, cache, progress=_Progress("module"))
     source.save_memo()
     target.save_memo()
+    if cache is not None and args.cache_max_mb is not None:
+        evicted = cache.evict(int(args.cache_max_mb * 2**20))
+        if evicted:
+            print(f"[prolora] cache over {args.cache_max_mb:g} MB: removed the {evicted} least recently used bases", file=sys.stderr)
     all_modules: list[ModuleReport] = []
     any_done = False
     for result, out in zip(results, outs):
@@ -150,7 +160,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         any_done = True
         meta = output_metadata(result, source.label, target.label, config)
         atomic_save(result.tensors, out, meta)
-        print(f"wrote {out}: {summary['transferred']}/{summary['modules']} modules transferred ({config.mode})", file=sys.stderr)
+        kept = f", {summary['energy_kept']:.4%} of the energy kept (re-factoring/--out-rank)" if summary["energy_kept"] is not None else ""
+        print(f"wrote {out}: {summary['transferred']}/{summary['modules']} modules transferred ({config.mode}){kept}", file=sys.stderr)
         skipped = [m for m in result.modules if not m.transferred and m.source_key is not None]
         if skipped:
             _warn(f"{len(skipped)} modules not transferred: " + _first([f"{m.source} ({m.reason})" for m in skipped]))
@@ -163,7 +174,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
                 "loras": {str(r.lora.path): r.summary() for r in results},
                 "transferred": sum(m.transferred for m in all_modules), "modules": len(all_modules),
                 "svd_computed": stats.svd_computed, "bases_from_cache": stats.bases_from_cache, "seconds": round(stats.seconds, 4),
-                "worst_subspace_change": stats.worst_subspace_change,
+                "worst_subspace_change": stats.worst_subspace_change, "save_dtype": args.save_dtype, "deterministic": settings.deterministic,
             },
         }
         tmp = Path(args.report)
@@ -230,11 +241,16 @@ def cmd_similarity(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     lora = read_lora(args.lora)
+    updates = [m.update for m in lora.modules.values() if m.update is not None]
+    kinds: dict[str, int] = {}
+    for m in lora.modules.values():
+        kinds[m.kind] = kinds.get(m.kind, 0) + 1
     info = {
         "file": str(lora.path), "modules": len(lora.modules), "dtype": str(lora.dtype).removeprefix("torch."),
-        "ranks": sorted({m.rank for m in lora.modules.values()}),
-        "alphas": sorted({m.alpha for m in lora.modules.values() if m.alpha is not None}),
-        "conv_modules": sum(m.is_conv for m in lora.modules.values()),
+        "kinds": kinds, "dora_modules": sum(m.dora_scale is not None for m in lora.modules.values()),
+        "ranks": sorted({u.rank for u in updates}),
+        "alphas": sorted({u.alpha for u in updates if u.alpha is not None}),
+        "conv_modules": sum(isinstance(u, LoraModule) and u.is_conv for u in updates),
         "unknown_keys": lora.unknown_keys, "metadata_keys": sorted(lora.metadata),
         "module_names": sorted(lora.modules)[: args.limit],
     }
@@ -271,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rescale", action="store_true", help="rescale each transferred module to its source norm")
     t.add_argument("--strict", action="store_true", help="a LoRA module without a base weight is an error")
     t.add_argument("--report", help="write the per-module report as JSON")
+    t.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default="keep",
+                   help="dtype of the written tensors (default keep: the input LoRA's; the math runs in float32 either way)")
+    t.add_argument("--deterministic", action="store_true",
+                   help="compute with one CPU thread, so that the output is bit-for-bit the same whatever the thread count (slower)")
+    t.add_argument("--cache-max-mb", type=float, default=None, help="after the run, remove the least recently used bases until the cache holds at most this many MB")
     _add_basis_args(t)
     t.set_defaults(func=cmd_transfer)
     s = sub.add_parser("similarity", help="per-module subspace similarity Φ between two bases")

@@ -6,10 +6,17 @@ seen as the matrix ``out × (in·kh·kw)``. A basis ``U`` is ``m × k`` with ort
 """
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
+from typing import Callable, Iterator, TypeVar
+
 import torch
 from torch import Tensor
 
 from .errors import ProLoRAError
+
+log = logging.getLogger("prolora")
+T = TypeVar("T")
 
 
 def as_matrix(weight: Tensor) -> Tensor:
@@ -62,3 +69,33 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ProLoRAError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto")
     return dev
+
+
+def linalg_device(device: torch.device) -> torch.device:
+    """Where QR and SVD run for data on ``device``: Apple's MPS lacks them, so the CPU there."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def cpu_fallback(what: str, compute: Callable[[torch.device | None], T]) -> T:
+    """``compute(None)`` (on its own device); when CUDA runs out of memory, once more with
+    ``compute(cpu)`` and a warning naming ``what``."""
+    try:
+        return compute(None)
+    except torch.cuda.OutOfMemoryError:
+        log.warning("prolora: out of GPU memory in %s; computing it on the CPU", what)
+        torch.cuda.empty_cache()
+        return compute(torch.device("cpu"))
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` inside the block, restored after; ``None`` changes nothing."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,10 +1,19 @@
-"""LoRA files in and out: parsing the key formats into factored modules, and writing them back.
+"""LoRA files in and out: parsing the key formats into adapted modules, and writing them back.
 
-In: kohya-dotted (``<m>.lora_up.weight`` / ``.lora_down.weight`` / ``.alpha``, also ComfyUI-native
-``diffusion_model.<m>…`` and kohya-underscore names ``lora_unet_a_b``), PEFT (``lora_B`` /
-``lora_A``), old diffusers (``.lora.up`` / ``.lora.down``, ``lora_linear_layer.up`` / ``.down``),
-LoCon conv (down ``[r, in, kh, kw]``, up ``[out, r, 1, 1]``). The scale is ``alpha / r``, 1 without
-alpha. Out: kohya-dotted with ``.alpha`` written so that ``alpha / rank`` reproduces the scale.
+In, per module (see :mod:`.adapters` for each type's math):
+
+* LoRA factors: kohya-dotted (``<m>.lora_up.weight`` / ``.lora_down.weight``, also ComfyUI-native
+  ``diffusion_model.<m>…`` and kohya-underscore names ``lora_unet_a_b``), PEFT (``lora_B`` /
+  ``lora_A``), old diffusers (``.lora.up`` / ``.lora.down``, ``lora_linear_layer.up`` / ``.down``),
+  LoCon conv (down ``[r, in, kh, kw]``, up ``[out, r, 1, 1]``), LoCon Tucker (``.lora_mid.weight``,
+  folded into down).
+* LoHa (``.hada_w1_a/b``, ``.hada_w2_a/b``), LoKr (``.lokr_w1`` or ``.lokr_w1_a/b``, ``.lokr_w2``
+  or ``.lokr_w2_a/b``), a full difference ``.diff`` (2-D/4-D).
+* ``.alpha`` (scale ``alpha / r``, 1 without alpha), ``.dora_scale`` (DoRA magnitude).
+* 1-D parts carried over unchanged: ``.diff_b``, ``.w_norm``, ``.b_norm``, a 1-D ``.diff``.
+
+Out: kohya-dotted ``lora_up``/``lora_down`` with ``.alpha`` written so that ``alpha / rank``
+reproduces the scale, plus whatever other parts the module carries, under the same suffixes.
 """
 from __future__ import annotations
 
@@ -15,10 +24,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .adapters import FullDiff, LoHa, LoKr, LoraModule, Module, Update, fold_tucker
 from .errors import ProLoRAError
 from .linalg import all_finite
 from .projection import Factors
 from .safetensors_io import SafetensorsReader
+
+__all__ = ["LoraFile", "LoraModule", "Module", "module_tensors", "parse_state_dict", "read_lora", "split_module_key"]
 
 #: (up suffix, down suffix) pairs, longest first so that ``.lora.up.weight`` wins over shorter ones.
 FACTOR_SUFFIXES: tuple[tuple[str, str], ...] = (
@@ -27,22 +39,29 @@ FACTOR_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_B.weight", ".lora_A.weight"),
     (".lora.up.weight", ".lora.down.weight"),
 )
+MID_SUFFIX = ".lora_mid.weight"
+LOKR_SUFFIXES = (".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b")
+DIFF_SUFFIX = ".diff"
+CARRIED_SUFFIXES = (".diff_b", ".w_norm", ".b_norm")
+DORA_SUFFIX = ".dora_scale"
 ALPHA_SUFFIX = ".alpha"
+KNOWN_SUFFIXES: tuple[str, ...] = (
+    *(s for pair in FACTOR_SUFFIXES for s in pair), MID_SUFFIX, *LoHa.SUFFIXES, *LOKR_SUFFIXES, DIFF_SUFFIX,
+    *CARRIED_SUFFIXES, DORA_SUFFIX, ALPHA_SUFFIX,
+)
+#: Suffixes an output module may carry (what :func:`split_module_key` knows).
+OUTPUT_SUFFIXES: tuple[str, ...] = (".lora_up.weight", ".lora_down.weight", *LoHa.SUFFIXES, *LOKR_SUFFIXES, DIFF_SUFFIX,
+                                    *CARRIED_SUFFIXES, DORA_SUFFIX, ALPHA_SUFFIX)
 
 #: Adapter parts recognised but not handled yet: (substring of the key, what it is).
 UNSUPPORTED_PARTS: tuple[tuple[str, str], ...] = (
-    (".lora_mid.", "LoCon Tucker core (lora_mid)"),
-    (".dora_scale", "DoRA magnitude (dora_scale)"),
-    (".hada_", "LoHa (hada_*)"),
-    (".lokr_", "LoKr (lokr_*)"),
+    (".hada_t1", "LoHa Tucker (hada_t1/hada_t2)"),
+    (".hada_t2", "LoHa Tucker (hada_t1/hada_t2)"),
+    (".lokr_t2", "LoKr Tucker (lokr_t2)"),
     (".oft_", "OFT (oft_*)"),
     (".oft_blocks", "OFT (oft_blocks)"),
     (".boft_", "BOFT"),
     (".a1.weight", "GLoRA"),
-    (".diff_b", "full bias difference (.diff_b)"),
-    (".diff", "full weight difference (.diff)"),
-    (".w_norm", "norm weight (w_norm)"),
-    (".b_norm", "norm bias (b_norm)"),
     (".set_weight", "weight replacement (set_weight)"),
 )
 
@@ -50,12 +69,11 @@ UNSUPPORTED_PARTS: tuple[tuple[str, str], ...] = (
 def unsupported_part(key: str) -> str | None:
     """What unsupported adapter part ``key`` is, or ``None``.
 
-    A part matches whole name components only: ``.diff`` matches ``m.diff`` but not
-    ``model.diffusion_model.m…``; parts ending in ``.`` or ``_`` (``.lora_mid.``, ``.hada_``) are prefixes
-    of a component.
+    A part matches whole name components only: ``.set_weight`` matches ``m.set_weight`` but not
+    ``m.set_weights_x``; parts ending in ``_`` (``.oft_``) are prefixes of a component.
     """
     for part, what in UNSUPPORTED_PARTS:
-        if part.endswith((".", "_")):
+        if part.endswith("_"):
             if part in key:
                 return what
         elif key.endswith(part) or part + "." in key:
@@ -63,43 +81,13 @@ def unsupported_part(key: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class LoraModule:
-    """One adapted module: ``ΔW = (alpha / r) · up @ down`` in the module's own shape.
-
-    ``up`` is ``[m, r]`` or ``[out, r, 1, 1]``; ``down`` is ``[r, n]`` or ``[r, in, kh, kw]``.
-    """
-
-    name: str
-    up: Tensor
-    down: Tensor
-    alpha: float | None
-    up_key: str
-    down_key: str
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def scale(self) -> float:
-        return 1.0 if self.alpha is None else self.alpha / self.rank
-
-    @property
-    def is_conv(self) -> bool:
-        return self.down.ndim == 4
-
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        """``(m, n)`` of the update as a matrix."""
-        n = 1
-        for d in self.down.shape[1:]:
-            n *= int(d)
-        return int(self.up.shape[0]), n
-
-    def factors(self, dtype: torch.dtype = torch.float32) -> Factors:
-        """The 2-D factors in ``dtype`` (float32 or better for the math)."""
-        return Factors(self.up.reshape(self.up.shape[0], -1).to(dtype), self.down.reshape(self.rank, -1).to(dtype), self.scale)
+def split_module_key(key: str) -> tuple[str, str]:
+    """``(module, suffix)`` of an output key (``("m", ".lora_up.weight")``); ``(key, "")`` when the
+    suffix is not one the engine writes."""
+    for suffix in OUTPUT_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
+    return key, ""
 
 
 @dataclass
@@ -107,7 +95,7 @@ class LoraFile:
     """A parsed LoRA: its modules, the keys we do not know, its metadata and its dtype."""
 
     path: Path | None
-    modules: dict[str, LoraModule]
+    modules: dict[str, Module]
     metadata: dict[str, str] = field(default_factory=dict)
     unknown_keys: list[str] = field(default_factory=list)
     dtype: torch.dtype = torch.float32
@@ -117,46 +105,54 @@ def _label(path: Path | None) -> str:
     return str(path) if path is not None else "<LoRA>"
 
 
+def _split_known(key: str) -> tuple[str, str] | None:
+    for suffix in KNOWN_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
+    return None
+
+
 def parse_state_dict(state: dict[str, Tensor], path: Path | None = None, metadata: dict[str, str] | None = None) -> LoraFile:
-    """Group ``state`` into :class:`LoraModule` s, validating each (shapes, ranks, dtype, finiteness)."""
+    """Group ``state`` into :class:`Module` s, validating each (shapes, ranks, dtype, finiteness)."""
     where = _label(path)
     if not state:
         raise ProLoRAError("the file holds no tensors", file=where)
     for key in state:
         what = unsupported_part(key)
         if what is not None:
-            raise ProLoRAError(f"{what} is not supported yet; only plain LoRA/LoCon factors are", file=where, key=key)
-    ups: dict[str, str] = {}
-    downs: dict[str, str] = {}
-    alphas: dict[str, str] = {}
+            raise ProLoRAError(f"{what} is not supported yet; LoRA, LoCon, LoHa, LoKr, DoRA and diff parts are", file=where, key=key)
+    grouped: dict[str, dict[str, str]] = {}
     unknown: list[str] = []
     for key in state:
-        for up_s, down_s in FACTOR_SUFFIXES:
-            if key.endswith(up_s):
-                ups[key[: -len(up_s)]] = key
-                break
-            if key.endswith(down_s):
-                downs[key[: -len(down_s)]] = key
-                break
+        found = _split_known(key)
+        if found is None:
+            unknown.append(key)
         else:
-            if key.endswith(ALPHA_SUFFIX):
-                alphas[key[: -len(ALPHA_SUFFIX)]] = key
-            else:
-                unknown.append(key)
-    modules: dict[str, LoraModule] = {}
-    for name in sorted(set(ups) | set(downs)):
-        if name not in downs:
-            raise ProLoRAError("has an up factor but no down factor", file=where, key=ups[name])
-        if name not in ups:
-            raise ProLoRAError("has a down factor but no up factor", file=where, key=downs[name])
-        modules[name] = _module(name, state, ups[name], downs[name], alphas.get(name), where)
-    unknown += [k for n, k in alphas.items() if n not in modules]
+            grouped.setdefault(found[0], {})[found[1]] = key
+    modules: dict[str, Module] = {}
+    for name in sorted(grouped):
+        mod = _build(name, grouped[name], state, where)
+        if mod is None:
+            unknown += grouped[name].values()
+        else:
+            modules[name] = mod
     if not modules:
         shown = ", ".join(sorted(unknown)[:3])
         raise ProLoRAError(f"no LoRA module found (no lora_up/lora_down or lora_B/lora_A pairs); keys look like: {shown}", file=where)
-    dtypes = {m.up.dtype for m in modules.values()}
+    dtypes = {t.dtype for m in modules.values() for t in _update_tensors(m)} or {t.dtype for m in modules.values() for t in m.carried.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     return LoraFile(path, modules, dict(metadata or {}), sorted(unknown), dtype)
+
+
+def _update_tensors(mod: Module) -> list[Tensor]:
+    u = mod.update
+    if isinstance(u, LoraModule):
+        return [u.up, u.down]
+    if isinstance(u, (LoHa, LoKr)):
+        return list(u.parts.values())
+    if isinstance(u, FullDiff):
+        return [u.diff]
+    return []
 
 
 def _check_tensor(t: Tensor, where: str, key: str) -> None:
@@ -167,12 +163,62 @@ def _check_tensor(t: Tensor, where: str, key: str) -> None:
         raise ProLoRAError(f"contains {bad} values", file=where, key=key)
 
 
-def _module(name: str, state: dict[str, Tensor], up_key: str, down_key: str, alpha_key: str | None, where: str) -> LoraModule:
+def _build(name: str, parts: dict[str, str], state: dict[str, Tensor], where: str) -> Module | None:
+    """One module from its keys by suffix; ``None`` when it holds nothing but an alpha."""
+    for suffix, key in parts.items():
+        if suffix != ALPHA_SUFFIX:
+            _check_tensor(state[key], where, key)
+    alpha = _alpha(state, parts[ALPHA_SUFFIX], where) if ALPHA_SUFFIX in parts else None
+    diff = state[parts[DIFF_SUFFIX]] if DIFF_SUFFIX in parts else None
+    types = {f"LoRA {up_s.removeprefix('.')}": (up_s, down_s) for up_s, down_s in FACTOR_SUFFIXES}
+    types.update({"LoHa": LoHa.SUFFIXES, "LoKr": LOKR_SUFFIXES, "diff": (DIFF_SUFFIX,) if diff is not None and diff.ndim >= 2 else ()})
+    present = {kind: next(parts[s] for s in suffixes if s in parts) for kind, suffixes in types.items() if any(s in parts for s in suffixes)}
+    if len(present) > 1:
+        raise ProLoRAError(f"one module mixes adapter types ({', '.join(present)})", file=where, key=list(present.values())[1])
+    if MID_SUFFIX in parts and FACTOR_SUFFIXES[1][0] not in parts:
+        raise ProLoRAError("a Tucker core (lora_mid) needs lora_up/lora_down factors", file=where, key=parts[MID_SUFFIX])
+    kind = next(iter(present), None)
+    update: Update | None = None
+    if kind == "LoHa":
+        update = _loha(state, parts, alpha, where)
+    elif kind == "LoKr":
+        update = _lokr(state, parts, alpha, where)
+    elif kind == "diff":
+        update = FullDiff(state[parts[DIFF_SUFFIX]], parts[DIFF_SUFFIX])
+    elif kind is not None:
+        up_s, down_s = types[kind]
+        update = _lora(name, state, parts, up_s, down_s, alpha, where)
+    carried = {s: state[parts[s]] for s in CARRIED_SUFFIXES if s in parts}
+    if diff is not None and diff.ndim < 2:
+        carried[DIFF_SUFFIX] = diff
+    dora = state[parts[DORA_SUFFIX]] if DORA_SUFFIX in parts else None
+    if dora is not None and update is None:
+        raise ProLoRAError("a DoRA magnitude (dora_scale) without a weight update in its module", file=where, key=parts[DORA_SUFFIX])
+    if update is None and not carried:
+        return None
+    return Module(name, update, dora, parts.get(DORA_SUFFIX), carried)
+
+
+def _alpha(state: dict[str, Tensor], key: str, where: str) -> float:
+    a = state[key]
+    if a.numel() != 1 or not (torch.is_floating_point(a) or a.dtype in (torch.int32, torch.int64, torch.int16)):
+        raise ProLoRAError(f"alpha must be a scalar, got shape {list(a.shape)} dtype {a.dtype}", file=where, key=key)
+    alpha = float(a.reshape(()))
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ProLoRAError(f"alpha must be a finite positive number, got {alpha}", file=where, key=key)
+    return alpha
+
+
+def _lora(name: str, state: dict[str, Tensor], parts: dict[str, str], up_s: str, down_s: str, alpha: float | None, where: str) -> LoraModule:
+    if down_s not in parts:
+        raise ProLoRAError("has an up factor but no down factor", file=where, key=parts[up_s])
+    if up_s not in parts:
+        raise ProLoRAError("has a down factor but no up factor", file=where, key=parts[down_s])
+    up_key, down_key = parts[up_s], parts[down_s]
     up, down = state[up_key], state[down_key]
     for t, key in ((up, up_key), (down, down_key)):
         if t.ndim not in (2, 4):
             raise ProLoRAError(f"has shape {list(t.shape)}; a LoRA factor must be 2-D (linear) or 4-D (conv)", file=where, key=key)
-        _check_tensor(t, where, key)
     if up.ndim != down.ndim:
         raise ProLoRAError(f"up is {up.ndim}-D {list(up.shape)} but down is {down.ndim}-D {list(down.shape)}", file=where, key=up_key)
     if up.ndim == 4 and tuple(up.shape[2:]) != (1, 1):
@@ -181,15 +227,47 @@ def _module(name: str, state: dict[str, Tensor], up_key: str, down_key: str, alp
         raise ProLoRAError(f"up and down ranks disagree: up {list(up.shape)} has rank {up.shape[1]}, down {list(down.shape)} has rank {down.shape[0]}", file=where, key=up_key)
     if down.shape[0] == 0:
         raise ProLoRAError("has rank 0", file=where, key=down_key)
-    alpha: float | None = None
-    if alpha_key is not None:
-        a = state[alpha_key]
-        if a.numel() != 1 or not (torch.is_floating_point(a) or a.dtype in (torch.int32, torch.int64, torch.int16)):
-            raise ProLoRAError(f"alpha must be a scalar, got shape {list(a.shape)} dtype {a.dtype}", file=where, key=alpha_key)
-        alpha = float(a.reshape(()))
-        if not math.isfinite(alpha) or alpha <= 0:
-            raise ProLoRAError(f"alpha must be a finite positive number, got {alpha}", file=where, key=alpha_key)
+    if MID_SUFFIX in parts:
+        mid, r = state[parts[MID_SUFFIX]], int(down.shape[0])
+        if down.ndim != 4 or tuple(down.shape[2:]) != (1, 1) or mid.ndim != 4 or tuple(mid.shape[:2]) != (r, r):
+            raise ProLoRAError(f"a Tucker core must be [r, r, kh, kw] on a [r, in, 1, 1] down factor; got mid {list(mid.shape)}, "
+                               f"down {list(down.shape)}", file=where, key=parts[MID_SUFFIX])
+        down = fold_tucker(down, mid)
     return LoraModule(name, up, down, alpha, up_key, down_key)
+
+
+def _fits(cond: bool, what: str, shapes: dict[str, Tensor], where: str, key: str) -> None:
+    if not cond:
+        shown = ", ".join(f"{s.removeprefix('.')} {list(t.shape)}" for s, t in shapes.items())
+        raise ProLoRAError(f"{what} factors do not fit together: {shown}", file=where, key=key)
+
+
+def _loha(state: dict[str, Tensor], parts: dict[str, str], alpha: float | None, where: str) -> LoHa:
+    missing = [s.removeprefix(".") for s in LoHa.SUFFIXES if s not in parts]
+    first = next(parts[s] for s in LoHa.SUFFIXES if s in parts)
+    if missing:
+        raise ProLoRAError(f"LoHa module lacks {', '.join(missing)}", file=where, key=first)
+    t = {s: state[parts[s]] for s in LoHa.SUFFIXES}
+    w1a, w1b, w2a, w2b = t.values()
+    ok = all(x.ndim == 2 for x in t.values()) and w1a.shape[1] == w1b.shape[0] and w2a.shape[1] == w2b.shape[0]
+    _fits(ok and w1a.shape[0] == w2a.shape[0] and w1b.shape[1] == w2b.shape[1] and w1b.shape[0] > 0, "LoHa", t, where, first)
+    return LoHa(t, alpha, first)
+
+
+def _lokr(state: dict[str, Tensor], parts: dict[str, str], alpha: float | None, where: str) -> LoKr:
+    first = next(parts[s] for s in LOKR_SUFFIXES if s in parts)
+    t: dict[str, Tensor] = {}
+    for i in (1, 2):
+        whole, a, b = f".lokr_w{i}", f".lokr_w{i}_a", f".lokr_w{i}_b"
+        if whole in parts:  # ComfyUI uses a whole side when there is one
+            t[whole] = state[parts[whole]]
+            _fits(t[whole].ndim == 2 or (i == 2 and t[whole].ndim == 4), "LoKr", {whole: t[whole]}, where, parts[whole])
+        elif a in parts and b in parts:
+            t[a], t[b] = state[parts[a]], state[parts[b]]
+            _fits(t[a].ndim == t[b].ndim == 2 and t[a].shape[1] == t[b].shape[0] > 0, "LoKr", {a: t[a], b: t[b]}, where, parts[a])
+        else:
+            raise ProLoRAError(f"LoKr module lacks w{i} (lokr_w{i}, or lokr_w{i}_a and lokr_w{i}_b)", file=where, key=first)
+    return LoKr(t, alpha, first)
 
 
 def read_lora(path: str | Path) -> LoraFile:
@@ -199,16 +277,19 @@ def read_lora(path: str | Path) -> LoraFile:
     return parse_state_dict(state, reader.path, reader.header.metadata)
 
 
-def module_tensors(name: str, factors: Factors, like: LoraModule, dtype: torch.dtype) -> dict[str, Tensor]:
-    """Kohya-dotted tensors for one output module, shaped like the input module (conv stays 4-D).
+def module_tensors(name: str, factors: Factors, like: LoraModule | tuple[int, ...], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Kohya-dotted tensors for one output module, shaped like ``like``: the input LoRA module, or
+    the base weight's shape (a 4-D weight gets LoCon conv factors ``[out, r, 1, 1]`` /
+    ``[r, in, kh, kw]``).
 
     ``alpha = scale · rank_out`` so that ComfyUI's ``alpha / rank`` gives back exactly ``scale``.
     """
     r = factors.rank
     up, down = factors.up, factors.down
-    if like.is_conv:
+    layout = like.layout if isinstance(like, LoraModule) else tuple(like)
+    if len(layout) == 4:
         up = up.reshape(up.shape[0], r, 1, 1)
-        down = down.reshape(r, *like.down.shape[1:])
+        down = down.reshape(r, *layout[1:])
     return {
         f"{name}.lora_up.weight": up.to("cpu", dtype).contiguous(),
         f"{name}.lora_down.weight": down.to("cpu", dtype).contiguous(),

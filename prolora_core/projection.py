@@ -10,7 +10,8 @@ bases ``U_s, V_s`` and the target bases ``U_t, V_t`` (top-k, orthonormal) the mo
 ``prolora-full`` all four terms: ``(P_Ut P_Us + P_Ut⊥ P_Us⊥) ΔW (P_Vs P_Vt + P_Vs⊥ P_Vt⊥)``.
                  Rank ≤ r, and exactly ``ΔW`` back when target = source.
 
-No ``m × n`` matrix is formed: every step costs O((m + n)·k·r).
+No ``m × n`` matrix is formed: every step costs O((m + n)·k·r). Updates that exist only densely
+(LoHa, LoKr, full diffs) go through :func:`project_dense`, the same maps applied to ``ΔW`` itself.
 """
 from __future__ import annotations
 
@@ -74,6 +75,28 @@ def project(lora: Factors, source: Basis, target: Basis, mode: Mode) -> Factors:
     if mode == "prolora":
         return Factors(torch.cat([B_par, B_perp], dim=1), torch.cat([A_par, A_perp], dim=0), lora.scale)
     return Factors(B_par + B_perp, A_par + A_perp, lora.scale)
+
+
+def project_dense(delta: Tensor, source: Basis, target: Basis, mode: Mode) -> Tensor:
+    """:func:`project` for a dense ``m × n`` update: the left maps on ``ΔW``, then the right maps
+    (O(m·n·k)); the result is on the bases' device, in their dtype."""
+    if mode == "copy":
+        return delta
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    dev, dt = source.U.device, source.U.dtype
+    D = delta.to(dev, dt)
+    Us, Vs, Ut, Vt = source.U, source.V, target.U.to(dev, dt), target.V.to(dev, dt)
+    if D.shape != (Us.shape[0], Vs.shape[0]):
+        raise ValueError(f"update is {D.shape[0]}×{D.shape[1]} but the bases are {Us.shape[0]}×{Vs.shape[0]}")
+    left_par = project_left(Ut, project_left(Us, D))
+    left_perp = project_left_perp(Ut, project_left_perp(Us, D))
+    if mode == "subspace":
+        return project_right(project_right(left_par, Vs), Vt)
+    if mode == "prolora":
+        return project_right(project_right(left_par, Vs), Vt) + project_right_perp(project_right_perp(left_perp, Vs), Vt)
+    left = left_par + left_perp
+    return project_right(project_right(left, Vs), Vt) + project_right_perp(project_right_perp(left, Vs), Vt)
 
 
 @dataclass(frozen=True)

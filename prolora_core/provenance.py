@@ -1,9 +1,15 @@
 """Metadata written into a transferred LoRA: the input's own metadata kept, provenance added.
 
-No timestamps and no absolute paths: the same inputs give the same file.
+No timestamps and no absolute paths: the same inputs give the same file. Recorded for a rerun:
+every option that changes the result, the basis settings, the device kind and the torch version
+(results differ in the last bits across devices, torch versions and, without
+``--deterministic``, thread counts).
 """
 from __future__ import annotations
 
+import torch
+
+from .linalg import resolve_device
 from .transfer import TransferConfig, TransferResult
 
 VERSION = "0.1.0"
@@ -29,6 +35,10 @@ def output_metadata(result: TransferResult, source_label: str, target_label: str
         "prolora.out_rank": str(config.out_rank) if config.out_rank is not None else "none",
         "prolora.rescale_to_source_norm": str(config.rescale_to_source_norm).lower(),
         "prolora.basis": config.basis.key(),
+        "prolora.deterministic": str(config.basis.deterministic).lower(),
+        "prolora.save_dtype": str(config.save_dtype).removeprefix("torch.") if config.save_dtype is not None else "keep",
+        "prolora.device": resolve_device(config.device).type,
+        "prolora.torch": torch.__version__,
         "prolora.modules_in": str(s["modules"]),
         "prolora.modules_transferred": str(s["transferred"]),
         "prolora.modules_below_threshold": str(s["below_threshold"]),

@@ -58,6 +58,8 @@ def check_readable_file(path: str | Path) -> Path:
 def read_header(path: str | Path) -> Header:
     """Parse and validate a safetensors header without loading any tensor."""
     p = check_readable_file(path)
+    if p.suffix.lower() == ".gguf":
+        raise ProLoRAError("GGUF files cannot be read here: only safetensors are (convert the model to .safetensors first)", file=p)
     if p.suffix.lower() in PICKLE_SUFFIXES:
         raise ProLoRAError(f"'{p.suffix}' files are pickles and are never unpickled here; convert it to .safetensors first", file=p)
     size = p.stat().st_size
@@ -66,6 +68,8 @@ def read_header(path: str | Path) -> Header:
     try:
         with open(p, "rb") as fh:
             head = fh.read(8)
+            if head[:4] == b"GGUF":
+                raise ProLoRAError("is a GGUF file, which cannot be read here: only safetensors are (convert it to .safetensors first)", file=p)
             if len(head) < 8:
                 raise ProLoRAError("not a safetensors file (shorter than its 8-byte header length)", file=p)
             (n,) = struct.unpack("<Q", head)

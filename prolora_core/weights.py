@@ -43,7 +43,7 @@ def content_key_of_bytes(data: bytes | memoryview, dtype: str, shape: tuple[int,
 
 def content_key_of_tensor(t: Tensor) -> str:
     """:func:`content_key_of_bytes` of an in-memory tensor (any dtype)."""
-    flat = t.detach().contiguous().reshape(-1).cpu()
+    flat = t.detach().cpu().clone(memory_format=torch.contiguous_format).reshape(-1)
     return content_key_of_bytes(flat.view(torch.uint8).numpy().data, str(t.dtype).removeprefix("torch."), tuple(t.shape))
 
 
@@ -88,15 +88,40 @@ class SafetensorsWeights:
         return self.reader.header.tensors[key].shape
 
     def get(self, key: str) -> Tensor:
+        """The weight; an fp8 weight dequantized to float32 (times its scale, when it has one)."""
         t = self.reader.get(key)
-        if not torch.is_floating_point(t) or t.element_size() == 1:
-            raise ProLoRAError(f"base weight has dtype {t.dtype}; fp8/quantized or integer bases are not supported", file=self.path, key=key)
-        return t
+        if not torch.is_floating_point(t):
+            raise ProLoRAError(f"base weight has dtype {t.dtype}; integer bases are not supported (floating point and fp8 are)",
+                               file=self.path, key=key)
+        if t.element_size() > 1:
+            return t
+        scale_key = self.scale_key(key)
+        if scale_key is None:
+            return t.float()
+        scale = self.reader.get(scale_key)
+        if scale.numel() != 1 or not torch.is_floating_point(scale):
+            raise ProLoRAError(f"fp8 scale of shape {list(scale.shape)} dtype {scale.dtype}; only one scalar scale per weight is supported",
+                               file=self.path, key=scale_key)
+        return t.float() * scale.float().reshape(())
+
+    def scale_key(self, key: str) -> str | None:
+        """The scale of a scaled-fp8 weight (ComfyUI's ``<module>.scale_weight``, or the newer
+        ``<module>.weight_scale``), when the file has one."""
+        module = key.removesuffix(".weight")
+        for name in (f"{module}.scale_weight", f"{module}.weight_scale"):
+            if name in self.reader.header.tensors:
+                return name
+        return None
 
     def content_key(self, key: str) -> str:
         if key not in self._memo:
             info = self.reader.header.tensors[key]
-            self._memo[key] = content_key_of_bytes(self.reader.raw_bytes(key), info.dtype, info.shape)
+            data, dtype = self.reader.raw_bytes(key), info.dtype
+            scale_key = self.scale_key(key) if info.dtype.startswith("F8") else None
+            if scale_key is not None:  # the scale is part of the weight
+                data += self.reader.raw_bytes(scale_key)
+                dtype += "*" + self.reader.header.tensors[scale_key].dtype
+            self._memo[key] = content_key_of_bytes(data, dtype, info.shape)
             self._memo_dirty = True
         return self._memo[key]
 

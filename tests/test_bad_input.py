@@ -147,11 +147,24 @@ LORA_CONTENT: list[tuple[str, Callable[[dict[str, torch.Tensor]], None], str | N
     ("only-unknown-keys", _only({"foo.bar": torch.zeros(3), "text_projection": torch.zeros(4, 4)}), None, "no LoRA module found.*foo.bar"),
     ("only-base-weights", _only({f"{Q}.weight": torch.zeros(24, 40)}), None, "no LoRA module found"),
     ("empty-tensor-dict", _only({}), None, "holds no tensors"),
+    # LoCon Tucker, LoHa, LoKr, DoRA and diff modules are read (tests/test_formats.py); malformed ones are refused.
+    ("lora-mid-not-square", _set(f"{Q}.lora_mid.weight", torch.zeros(2, 2)), f"{Q}.lora_mid.weight", r"a Tucker core must be \[r, r, kh, kw\]"),
+    ("lora-mid-with-peft-factors", _only({f"{Q}.lora_B.weight": torch.zeros(24, 2), f"{Q}.lora_A.weight": torch.zeros(2, 40),
+                                         f"{Q}.lora_mid.weight": torch.zeros(2, 2, 3, 3)}), f"{Q}.lora_mid.weight", "needs lora_up/lora_down factors"),
+    ("loha-incomplete", _only({f"{Q}.hada_w1_a": torch.zeros(24, 2), f"{Q}.hada_w1_b": torch.zeros(2, 40)}), f"{Q}.hada_w1_a",
+     "LoHa module lacks hada_w2_a, hada_w2_b"),
+    ("loha-ranks-disagree", _only({f"{Q}.hada_w1_a": torch.zeros(24, 2), f"{Q}.hada_w1_b": torch.zeros(3, 40), f"{Q}.hada_w2_a": torch.zeros(24, 2),
+                                   f"{Q}.hada_w2_b": torch.zeros(2, 40)}), f"{Q}.hada_w1_a", r"LoHa factors do not fit together: hada_w1_a \[24, 2\], hada_w1_b \[3, 40\]"),
+    ("lokr-without-w2", _only({f"{Q}.lokr_w1": torch.zeros(4, 4)}), f"{Q}.lokr_w1", r"LoKr module lacks w2 \(lokr_w2, or lokr_w2_a and lokr_w2_b\)"),
+    ("lora-and-loha-in-one-module", _set(f"{Q}.hada_w1_a", torch.zeros(24, 2)), f"{Q}.hada_w1_a", r"one module mixes adapter types \(LoRA lora_up.weight, LoHa\)"),
+    ("lora-and-diff-in-one-module", _set(f"{Q}.diff", torch.zeros(24, 40)), f"{Q}.diff", r"one module mixes adapter types \(LoRA lora_up.weight, diff\)"),
+    ("dora-without-update", _only({f"{Q}.dora_scale": torch.ones(24, 1)}), f"{Q}.dora_scale", r"a DoRA magnitude \(dora_scale\) without a weight update"),
+    ("nan-in-dora-scale", _set(f"{Q}.dora_scale", torch.full((24, 1), float("nan"))), f"{Q}.dora_scale", "contains NaN values"),
 ] + [
     (f"unsupported-{part.strip('._')}", _set(f"{Q}{part}", torch.zeros(2, 2)), f"{Q}{part}", f"{what}.* not supported yet")
     for part, what in [
-        (".lora_mid.weight", "lora_mid"), (".dora_scale", "dora_scale"), (".hada_w1_a", "hada_"), (".lokr_w1", "lokr_"),
-        (".diff", r"\.diff"), (".diff_b", r"\.diff_b"), (".oft_blocks", "OFT"),
+        (".hada_t1", r"LoHa Tucker \(hada_t1/hada_t2\)"), (".lokr_t2", r"LoKr Tucker \(lokr_t2\)"), (".oft_blocks", "OFT"),
+        (".boft_blocks", "BOFT"), (".a1.weight", "GLoRA"), (".set_weight", r"weight replacement \(set_weight\)"),
     ]
 ]
 
@@ -251,6 +264,27 @@ def _bad_base(which: str, value: float | None, dtype: torch.dtype | None, reason
             tensors[f"{Q}.weight"] = tensors[f"{Q}.weight"].to(dtype)
             save_file(tensors, str(path))
         return ctx.transfer(**{which: path}), Expect(path, f"{Q}.weight", reason)
+
+    return build
+
+
+def _fp8_base(scale: torch.Tensor, reason: str) -> Build:
+    def build(ctx: Ctx) -> tuple[list[str | Path], Expect]:
+        tensors = {f"{m}.weight": torch.from_numpy(w) for m, w in ctx.bases.wt.items()}
+        tensors[f"{Q}.weight"] = tensors[f"{Q}.weight"].to(torch.float8_e4m3fn)
+        tensors[f"{Q}.scale_weight"] = scale
+        path = ctx.inp / "fp8_target.safetensors"
+        save_file(tensors, str(path))
+        return ctx.transfer(target=path), Expect(path, f"{Q}.scale_weight", reason)
+
+    return build
+
+
+def _gguf_base(name: str, reason: str) -> Build:
+    def build(ctx: Ctx) -> tuple[list[str | Path], Expect]:
+        path = ctx.inp / name
+        path.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+        return ctx.transfer(source=path), Expect(path, None, reason)
 
     return build
 
@@ -363,7 +397,13 @@ CASES: list[tuple[str, Build]] = [
     ("nan-in-source-base", _bad_base("source", float("nan"), None, "base weight contains NaN or Inf values")),
     ("inf-in-target-base", _bad_base("target", float("inf"), None, "base weight contains NaN or Inf values")),
     ("integer-base-weight", _bad_base("source", None, torch.int8, "integer bases are not supported")),
-    ("fp8-base-weight", _bad_base("target", None, torch.float8_e4m3fn, "dtype torch.float8_e4m3fn; fp8/quantized .* not supported")),
+    ("fp8-base-with-a-scale-per-row", _fp8_base(torch.ones(24), r"fp8 scale of shape \[24\] .* only one scalar scale per weight is supported")),
+    ("gguf-base", _gguf_base("base.gguf", "GGUF files cannot be read here: only safetensors are")),
+    ("gguf-base-named-safetensors", _gguf_base("base.safetensors", "is a GGUF file, which cannot be read here")),
+    ("dora-scale-of-another-shape", _tensors_case(_set(f"{Q}.dora_scale", torch.ones(5, 1)), f"{Q}.dora_scale",
+                                                  r"DoRA magnitude of shape \[5, 1\] fits neither the rows nor the input channels of the weight \[24, 40\]")),
+    ("diff-b-of-another-shape", _tensors_case(_set(f"{Q}.diff_b", torch.zeros(7)), f"{Q}.diff_b", r"has shape \[7\] .* \(needs \[24\]\)")),
+    ("diff-of-another-shape", _tensors_case(_only({f"{Q}.diff": torch.zeros(40, 24)}), f"{Q}.diff", r"LoRA update is 40×24 .* another base model")),
     ("base-without-lora-modules", _base_without_modules),
     ("nothing-transferable", _nothing_transferable),
     ("target-without-lora-modules", _target_without_modules),

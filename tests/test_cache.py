@@ -179,3 +179,15 @@ def test_unwritable_cache_warns_once_and_still_transfers(runner: Runner, caplog:
     assert len([r for r in caplog.records if "cannot write to the basis cache" in r.getMessage()]) == 1
     _, fresh = runner.run(1, cache=False)
     assert same_tensors(out, fresh)
+
+
+def test_rank_one_bases_with_odd_strides_are_cached(tmp_path: Path) -> None:
+    """A weight whose min dimension gives k = 1 yields an ``n × 1`` V with a non-unit stride; storing it must work."""
+    from prolora_core import BasisCache, BasisSettings, compute_basis
+
+    w = torch.randn(4, 40, generator=torch.Generator().manual_seed(0))
+    basis = compute_basis(w, 1, BasisSettings(method="exact"))
+    cache = BasisCache(tmp_path, BasisSettings(method="exact"))
+    cache.store("ab" * 16, basis)
+    back = cache.load("ab" * 16, 1, (4, 40))
+    assert back is not None and torch.equal(back.V, basis.V.contiguous())
