@@ -1,0 +1,1 @@
+"""Benchmarks of the ProLoRA engine (not tests: nothing here asserts on timings)."""
