@@ -1,0 +1,338 @@
+"""Build the zoo: tiny SD1.5-shaped UNets and LoRAs, trained with ComfyUI's own model.
+
+    cd <repo> && nice -n 5 .venv/bin/python -m evidence.build_zoo            # everything (~25–35 min, 2 cores)
+    .venv/bin/python -m evidence.build_zoo --only lora_style_source --out /tmp/z   # rebuild one artifact elsewhere
+    .venv/bin/python -m evidence.build_zoo --check-samples                    # KSampler samples of the shipped zoo
+
+Models (``zoo/<name>.safetensors``, fp16, ``model.diffusion_model.`` keys, metadata as in
+``tests/comfy_host.save_model_state``):
+
+* ``source``        — trained from init seed 0 on the ``base`` data.
+* ``descendant_a``  — ``source`` fine-tuned on the ``shifted`` mix (dark backgrounds, other palette);
+                      ``descendant_a_near`` is the same run's early checkpoint (a ladder of distances).
+* ``unrelated_c``   — same architecture, init seed 1, its own ``base`` data draw: no shared history.
+* Descendant B (pruned + distilled) is NOT built: it did not fit the CPU budget.
+
+LoRAs (``zoo/lora_<style|concept>_<model>.safetensors``, rank 4, alpha 4, fp16, kohya names): the
+same data, steps, init seed and data seed on every model.
+
+Training is in ComfyUI's k-diffusion parametrisation on the model's own ``model_sampling``
+(ε-prediction, ``x_t = x0 + σ·ε`` with σ of a uniformly drawn discrete timestep), through
+``BaseModel.apply_model``. Every base model is rounded to fp16 right after training, so that what
+is trained on it later (descendants, LoRAs) sees exactly the shipped weights.
+
+Determinism: every job runs single-threaded with fixed seeds; on the same machine and torch build
+a rebuild gives bit-identical files (checked for ``lora_style_source``, see evidence/README.md).
+Across torch builds / CPUs the float summation order may differ, and training amplifies that: expect
+the same evidence (tables within their seed spread), not the same bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+import multiprocessing as mp
+
+import torch
+
+from . import EVIDENCE_DIR, ZOO_DIR, configure_host
+
+configure_host()
+
+from . import data as D  # noqa: E402
+from .lora_utils import init_lora, lora_deltas, merged_params, to_kohya  # noqa: E402
+from .models import (SD15_UNET_CONFIG, build_model, diffusion_loss, load_zoo_model, sample_training_sigmas,  # noqa: E402
+                     save_zoo_model, unet_state)
+
+BATCH = 32
+COND_DROPOUT = 0.1
+LORA_RANK = 4
+LORA_ALPHA = 4.0
+LORA_INIT_SEED = 77
+LORA_DATA_SEED = 5000
+
+
+@dataclass(frozen=True)
+class Recipe:
+    source_steps: int = 1500
+    source_lr: float = 2e-3
+    a_steps: int = 600
+    a_near_steps: int = 150
+    a_lr: float = 1e-3
+    lora_steps: int = 300
+    lora_lr: float = 4e-3
+
+    def scaled(self, f: float) -> "Recipe":
+        return Recipe(max(2, int(self.source_steps * f)), self.source_lr, max(2, int(self.a_steps * f)),
+                      max(1, int(self.a_near_steps * f)), self.a_lr, max(2, int(self.lora_steps * f)), self.lora_lr)
+
+
+MODELS = ("source", "descendant_a_near", "descendant_a", "unrelated_c")
+LORAS = ("style", "concept")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _lr(step: int, steps: int, lr: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + __import__("math").cos(__import__("math").pi * p)))
+
+
+def _cond(ctx: torch.Tensor, gen: torch.Generator, table: torch.Tensor) -> torch.Tensor:
+    drop = torch.rand(ctx.shape[0], generator=gen) < COND_DROPOUT
+    return torch.where(drop.view(-1, 1, 1), table[D.NULL].expand_as(ctx), ctx)
+
+
+def round_fp16_(patcher) -> None:
+    with torch.no_grad():
+        for p in patcher.model.diffusion_model.parameters():
+            p.copy_(p.half().float())
+
+
+def train_full(patcher, family: str, steps: int, lr: float, data_seed: int, name: str,
+               checkpoints: dict[int, Path] | None = None, meta: dict[str, str] | None = None) -> list[float]:
+    """Train all UNet weights on ``family`` data (Adam, warm-up + cosine); returns the loss curve."""
+    model = patcher.model
+    dm = model.diffusion_model
+    dm.train()
+    opt = torch.optim.Adam(dm.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(data_seed + 1)
+    table = D.conditioning_table()
+    losses = []
+    t0 = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr)
+        x0, ctx, _ = D.make_batch(family, BATCH, data_seed * 100_000 + step, table)
+        sigma = sample_training_sigmas(model, BATCH, gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        loss = diffusion_loss(model, None, x0, _cond(ctx, gen, table), noise, sigma).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dm.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            log(f"{name}: step {step + 1}/{steps} loss(avg100) {sum(losses[-100:]) / len(losses[-100:]):.4f} "
+                f"({(time.time() - t0) / (step + 1):.2f} s/step)")
+        if checkpoints and (step + 1) in checkpoints:
+            snap = {k: v.clone() for k, v in dm.state_dict().items()}
+            round_fp16_(patcher)
+            save_zoo_model(patcher, checkpoints[step + 1], {**(meta or {}), "prolora.zoo.steps": str(step + 1)})
+            dm.load_state_dict(snap)
+    dm.eval()
+    round_fp16_(patcher)
+    return losses
+
+
+def train_lora(patcher, family: str, steps: int, lr: float, name: str) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Train a rank-4 LoRA (frozen base) on ``family`` data; returns kohya tensors and the loss curve."""
+    model = patcher.model
+    model.diffusion_model.eval()
+    for p in model.diffusion_model.parameters():
+        p.requires_grad_(False)
+    state = unet_state(patcher)
+    factors = init_lora(state, LORA_RANK, LORA_INIT_SEED)
+    params = [t for pair in factors.values() for t in pair]
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(LORA_DATA_SEED + 1)
+    table = D.conditioning_table()
+    scale = LORA_ALPHA / LORA_RANK
+    losses = []
+    t0 = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr, warmup=20)
+        x0, ctx, _ = D.make_batch(family, BATCH, LORA_DATA_SEED * 100_000 + step, table)
+        sigma = sample_training_sigmas(model, BATCH, gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        merged = merged_params(state, lora_deltas(factors, scale))
+        loss = diffusion_loss(model, merged, x0, _cond(ctx, gen, table), noise, sigma).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            log(f"{name}: step {step + 1}/{steps} loss(avg100) {sum(losses[-100:]) / len(losses[-100:]):.4f} "
+                f"({(time.time() - t0) / (step + 1):.2f} s/step)")
+    return to_kohya(factors, state, LORA_ALPHA), losses
+
+
+# ------------------------------------------------------------------------------------------------
+# Jobs (each runs in its own single-threaded process)
+# ------------------------------------------------------------------------------------------------
+
+def _meta(name: str, recipe: Recipe, **extra: str) -> dict[str, str]:
+    return {"prolora.zoo.name": name, "prolora.zoo.recipe": json.dumps(recipe.__dict__), **extra}
+
+
+def job(name: str, out: str, recipe_json: str) -> tuple[str, float]:
+    torch.set_num_threads(1)
+    out_dir, recipe = Path(out), Recipe(**json.loads(recipe_json))
+    t0 = time.time()
+    if name == "source":
+        p = build_model(SD15_UNET_CONFIG, seed=0)
+        train_full(p, "base", recipe.source_steps, recipe.source_lr, data_seed=1, name=name)
+        save_zoo_model(p, out_dir / "source.safetensors", _meta(name, recipe, **{"prolora.zoo.data": "base", "prolora.zoo.init_seed": "0"}))
+    elif name == "unrelated_c":
+        p = build_model(SD15_UNET_CONFIG, seed=1)
+        train_full(p, "base", recipe.source_steps, recipe.source_lr, data_seed=2, name=name)
+        save_zoo_model(p, out_dir / "unrelated_c.safetensors", _meta(name, recipe, **{"prolora.zoo.data": "base", "prolora.zoo.init_seed": "1"}))
+    elif name == "descendant_a":
+        p = load_zoo_model(out_dir / "source.safetensors")
+        meta = _meta("descendant_a_near", recipe, **{"prolora.zoo.data": "shifted", "prolora.zoo.parent": "source"})
+        train_full(p, "shifted", recipe.a_steps, recipe.a_lr, data_seed=3, name=name,
+                   checkpoints={recipe.a_near_steps: out_dir / "descendant_a_near.safetensors"}, meta=meta)
+        save_zoo_model(p, out_dir / "descendant_a.safetensors", _meta(name, recipe, **{"prolora.zoo.data": "shifted", "prolora.zoo.parent": "source"}))
+    elif name.startswith("lora_"):
+        _, family, model_name = name.split("_", 2)
+        p = load_zoo_model(out_dir / f"{model_name}.safetensors")
+        tensors, losses = train_lora(p, family, recipe.lora_steps, recipe.lora_lr, name)
+        import safetensors.torch
+        safetensors.torch.save_file(tensors, str(out_dir / f"{name}.safetensors"), metadata={
+            "ss_network_dim": str(LORA_RANK), "ss_network_alpha": str(LORA_ALPHA), "prolora.zoo.base": model_name,
+            "prolora.zoo.data": family, "prolora.zoo.final_loss": f"{sum(losses[-50:]) / len(losses[-50:]):.5f}",
+            **_meta(name, recipe)})
+    else:
+        raise ValueError(f"unknown job {name}")
+    return name, time.time() - t0
+
+
+def save_conditioning(out_dir: Path) -> Path:
+    import safetensors.torch
+
+    path = out_dir / "conditioning.safetensors"
+    safetensors.torch.save_file({"context": D.conditioning_table().contiguous()}, str(path), metadata={
+        "classes": json.dumps(list(D.CLASSES) + ["<empty prompt>"]), "tokens": str(D.TOKENS), "seed": str(D.COND_SEED)})
+    return path
+
+
+def load_conditioning(zoo: Path = ZOO_DIR) -> torch.Tensor:
+    import safetensors.torch
+
+    return safetensors.torch.load_file(str(zoo / "conditioning.safetensors"))["context"]
+
+
+# ------------------------------------------------------------------------------------------------
+# ComfyUI sampling (the stock KSampler path)
+# ------------------------------------------------------------------------------------------------
+
+def ksample(patcher, cls: int, n: int, seed: int, *, steps: int = 15, cfg: float = 2.0, table: torch.Tensor | None = None) -> torch.Tensor:
+    """``n`` samples of class ``cls`` through ``nodes.common_ksampler`` (euler, normal); returns RGB images."""
+    import comfy.model_management
+    import comfy.utils
+    import nodes
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False  # no tqdm bars on stderr
+    table = D.conditioning_table() if table is None else table
+    pos = [[table[cls][None].clone(), {}]]
+    neg = [[table[D.NULL][None].clone(), {}]]
+    latent = {"samples": torch.zeros((n, 4, D.SIZE, D.SIZE))}
+    (out,) = nodes.common_ksampler(patcher, seed, steps, cfg, "euler", "normal", pos, neg, latent)
+    # ComfyUI keeps the model loaded with the LoRA patched INTO the shared weights (clones share one
+    # model); unload so that later direct uses of patcher.model (losses) see the clean weights again.
+    comfy.model_management.unload_all_models()
+    return D.latent_to_image(out["samples"])
+
+
+def with_lora(patcher, lora: dict[str, torch.Tensor], strength: float = 1.0):
+    """A clone of ``patcher`` with ``lora`` applied by ComfyUI's own LoRA loader."""
+    import comfy.sd
+
+    new, _ = comfy.sd.load_lora_for_models(patcher, None, lora, strength, 0.0)
+    return new
+
+
+def save_grid(rows: list[tuple[str, torch.Tensor]], path: Path, title: str = "") -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncol = max(r[1].shape[0] for r in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(ncol * 0.7 + 1.6, len(rows) * 0.75 + 0.4), squeeze=False)
+    for i, (label, imgs) in enumerate(rows):
+        for j in range(ncol):
+            ax = axes[i][j]
+            ax.set_xticks([]), ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if j < imgs.shape[0]:
+                ax.imshow(imgs[j].permute(1, 2, 0).numpy(), interpolation="nearest")
+        axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def check_samples(zoo: Path, out_png: Path, n: int = 8) -> dict[str, dict[str, float]]:
+    """KSampler samples (15 euler steps, cfg 2) of every zoo model and LoRA; a grid PNG and detector stats."""
+    import safetensors.torch
+
+    torch.set_num_threads(1)
+    table = load_conditioning(zoo)
+    rows, stats = [], {}
+    for m in MODELS:
+        if not (zoo / f"{m}.safetensors").exists():
+            continue
+        p = load_zoo_model(zoo / f"{m}.safetensors")
+        variants = [(m, p)] + [(f"{m}+{l}", with_lora(p, safetensors.torch.load_file(str(zoo / f"lora_{l}_{m}.safetensors"))))
+                               for l in LORAS if (zoo / f"lora_{l}_{m}.safetensors").exists()]
+        for label, q in variants:
+            imgs = torch.cat([ksample(q, c, n // 2 if c < 3 else n, seed=c, table=table) for c in range(4)])
+            rows.append((label, imgs))
+            plain, ring = imgs[: 3 * (n // 2)], imgs[3 * (n // 2):]
+            stats[label] = {"finite": float(torch.isfinite(imgs).all()), "stripe": float(D.stripe_score(plain).mean()),
+                            "ring": float(D.ring_score(ring).mean()), "background": float(D.background_brightness(plain).mean())}
+            log(f"samples {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in stats[label].items()))
+    save_grid(rows, out_png, "KSampler (euler, 15 steps, cfg 2); columns: disc, square, bar (x{0}), red ring (x{1})".format(n // 2, n))
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m evidence.build_zoo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ZOO_DIR)
+    ap.add_argument("--only", nargs="*", help="jobs to run (default: all): source unrelated_c descendant_a lora_<style|concept>_<model>")
+    ap.add_argument("--scale", type=float, default=1.0, help="scale every step count (a smoke run: 0.05)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--check-samples", action="store_true", help="only sample the zoo in --out through the KSampler")
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.check_samples:
+        check_samples(args.out, EVIDENCE_DIR / "zoo_samples.png")
+        return 0
+    recipe = Recipe().scaled(args.scale) if args.scale != 1.0 else Recipe()
+    rj = json.dumps(recipe.__dict__)
+    save_conditioning(args.out)
+    stages = [["source", "unrelated_c"],
+              ["descendant_a"] + [f"lora_{l}_{m}" for m in ("source", "unrelated_c") for l in LORAS],
+              [f"lora_{l}_{m}" for m in ("descendant_a", "descendant_a_near") for l in LORAS]]
+    wanted = set(args.only) if args.only else None
+    t_all = time.time()
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as pool:
+        for stage in stages:
+            jobs = [j for j in stage if wanted is None or j in wanted]
+            for name, secs in pool.map(job, jobs, [str(args.out)] * len(jobs), [rj] * len(jobs)):
+                log(f"done {name} in {secs:.0f} s")
+    log(f"zoo built in {time.time() - t_all:.0f} s → {args.out}")
+    total = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
+    log(f"zoo size {total / 1e6:.2f} MB")
+    if wanted is None and args.out == ZOO_DIR:
+        check_samples(args.out, EVIDENCE_DIR / "zoo_samples.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
