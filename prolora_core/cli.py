@@ -24,7 +24,7 @@ from .lora import LoraFile, LoraModule, read_lora
 from .names import BaseIndex
 from .projection import MODES
 from .provenance import output_metadata
-from .safetensors_io import atomic_save, check_output_path, metadata_json
+from .safetensors_io import atomic_save, atomic_write, check_output_path
 from .transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, ModuleReport, TransferConfig, plan_by_names, transfer
 from .weights import SafetensorsWeights
 
@@ -177,8 +177,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
                 "worst_subspace_change": stats.worst_subspace_change, "save_dtype": args.save_dtype, "deterministic": settings.deterministic,
             },
         }
-        tmp = Path(args.report)
-        atomic_write_text(tmp, json.dumps(report, indent=2, sort_keys=True))
+        atomic_write(args.report, json.dumps(report, indent=2, sort_keys=True).encode())
     if not any_done:
         names = ", ".join(str(r.lora.path) for r in results)
         _err(f"{names}: no module could be transferred to {target.label} (see the warnings above)")
@@ -186,18 +185,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def cmd_similarity(args: argparse.Namespace) -> int:
-    from .basis import compute_basis
     from .linalg import matrix_shape, resolve_device
     from .similarity import basis_similarity
     from .transfer import BasisProvider
@@ -235,7 +223,6 @@ def cmd_similarity(args: argparse.Namespace) -> int:
                 print(f"{r['module']:60s}    -      -      -  ({r['note']})")
             else:
                 print(f"{r['module']:60s} {r['k']:4d} {r['similarity_u']:6.3f} {r['similarity_v']:6.3f} {max(r['chance_u'], r['chance_v']):7.3f}")
-    _ = compute_basis
     return 0
 
 

@@ -11,7 +11,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -156,18 +156,22 @@ def check_output_path(out: str | Path, inputs: list[str | Path] = ()) -> Path:  
     return p
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``: never half-written."""
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file in the same folder, then rename it over ``path``: never half-written."""
     p = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
-    os.close(fd)
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(canonical_safetensors_bytes(tensors, metadata))
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Save a safetensors file atomically (see :func:`atomic_write`), byte-identical for equal inputs."""
+    atomic_write(path, canonical_safetensors_bytes(tensors, metadata))
 
 
 def canonical_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -181,8 +185,3 @@ def canonical_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict
     header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     header += b" " * (-len(header) % 8)  # the format pads the header with spaces to 8-byte alignment
     return struct.pack("<Q", len(header)) + header + data[8 + n :]
-
-
-def metadata_json(value: Any) -> str:
-    """Stable JSON for a metadata value (sorted keys, no spaces)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))

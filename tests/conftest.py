@@ -191,3 +191,18 @@ def comfy_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
             reporter = request.config.pluginmanager.get_plugin("terminalreporter")
             if reporter is not None:
                 reporter.write_line(f"\n--- ComfyUI server log tail ({server.log_path}) ---\n{server.log_tail()}")
+
+
+@pytest.fixture(scope="session")
+def pack(comfyui: Any) -> Any:
+    """The node pack, imported the way ComfyUI imports it."""
+    return comfy_host.load_pack()
+
+
+@pytest.fixture(scope="session")
+def nodes_by_id(pack: Any) -> dict[str, Any]:
+    """The pack's V3 node classes by node id, from its ``comfy_entrypoint``."""
+    import asyncio
+
+    ext = asyncio.run(pack.comfy_entrypoint())
+    return {n.define_schema().node_id: n for n in asyncio.run(ext.get_node_list())}

@@ -3,7 +3,6 @@ drawn, odd inputs), the distances, the temp-folder ui images, and the Report pic
 MatchHandle built by the real Compute Basis / Match Modules / Project LoRA nodes on tiny models."""
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,19 +23,8 @@ MODULES = [
 
 
 @pytest.fixture(scope="module")
-def pack(comfyui: Any) -> Any:
-    return comfy_host.load_pack()
-
-
-@pytest.fixture(scope="module")
 def cmp(pack: Any) -> Any:
     return sys.modules[pack.__name__ + ".nodes.compare_nodes"]
-
-
-@pytest.fixture(scope="module")
-def nodes_by_id(pack: Any) -> dict[str, Any]:
-    ext = asyncio.run(pack.comfy_entrypoint())
-    return {n.define_schema().node_id: n for n in asyncio.run(ext.get_node_list())}
 
 
 def _image(b: int, h: int, w: int, seed: int = 0, c: int = 3) -> torch.Tensor:

@@ -12,7 +12,6 @@ Every format is checked two ways, through real files and the CLI:
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import subprocess
@@ -58,7 +57,6 @@ def write_bases(folder: Path, noise: float = 0.01, seed: int = 0) -> tuple[Path,
     for path, w in zip(paths, (ws, wt)):
         save_file({k: torch.from_numpy(v) for k, v in w.items()}, str(path))
     return paths[0], paths[1], {k: torch.from_numpy(v) for k, v in ws.items()}, {k: torch.from_numpy(v) for k, v in wt.items()}
-
 
 
 def _t(rng: np.random.Generator, *shape: int, scale: float = 0.3) -> Tensor:
@@ -335,13 +333,6 @@ def test_scaled_fp8_base_is_dequantized_for_the_basis(tmp_path: Path, capsys: py
 # --------------------------------------------------------------------------------------
 # The nodes: every format through Compute Basis → Match Modules → Project LoRA → core loader
 # --------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def nodes_by_id(comfyui: Any) -> dict[str, Any]:
-    import comfy_host
-
-    ext = asyncio.run(comfy_host.load_pack().comfy_entrypoint())
-    return {n.define_schema().node_id: n for n in asyncio.run(ext.get_node_list())}
 
 
 def _run(nodes_by_id: dict[str, Any], node_id: str, **kwargs: Any) -> tuple:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from prolora_core import Basis, BasisSettings, Factors, compute_basis, project, recompress, subspace_similarity
+from prolora_core import BasisSettings, Factors, compute_basis, project, recompress, subspace_similarity
 from prolora_core.lora import LoraModule, module_tensors
 
 from reference import gapped_weight, phi, power_law_weight, reference_transfer, top_bases

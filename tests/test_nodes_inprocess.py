@@ -2,7 +2,6 @@
 MODEL / CLIP / LORA_MODEL objects, checked against core ComfyUI nodes and a dense reference."""
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,17 +21,6 @@ MODULES = [
     "input_blocks.1.0.in_layers.2",
     "middle_block.1.transformer_blocks.0.ff.net.2",
 ]
-
-
-@pytest.fixture(scope="module")
-def pack(comfyui: Any) -> Any:
-    return comfy_host.load_pack()
-
-
-@pytest.fixture(scope="module")
-def nodes_by_id(pack: Any) -> dict[str, Any]:
-    ext = asyncio.run(pack.comfy_entrypoint())
-    return {n.define_schema().node_id: n for n in asyncio.run(ext.get_node_list())}
 
 
 def _descendant(model: Any, seed: int, eps: float) -> Any:
