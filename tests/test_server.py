@@ -2,9 +2,11 @@
 /prompt, the files node feeding core LoraLoaderModelOnly, and a malformed workflow."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 import comfy_host
@@ -31,9 +33,47 @@ def server(comfyui: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[c
     bad = comfy_host.kohya_lora(sdxl, [sdxl_mod], seed=3)
     bad = {k.replace("lora_unet_" + sdxl_mod.replace(".", "_"), "lora_unet_" + MODULES[0].replace(".", "_")): v for k, v in bad.items()}
     save_file(bad, str(base / "models" / "loras" / "for_sdxl.safetensors"))
+    _bad_lora_files(base / "models" / "loras", comfy_host.kohya_lora(src, MODULES, seed=4))
     server = comfy_host.start_comfy_server(base)
     yield server
     server.stop()
+
+
+def _bad_lora_files(folder: Path, good: dict[str, torch.Tensor]) -> None:
+    """The main kinds of the bad-input corpus, as files in models/loras (see BAD_LORAS)."""
+    import argparse
+
+    save_file(good, str(folder / "good_for_bad.safetensors"))
+    data = (folder / "good_for_bad.safetensors").read_bytes()
+    (folder / "bad_truncated.safetensors").write_bytes(data[: len(data) // 2])
+    (folder / "bad_header.safetensors").write_bytes(len(b"{not json").to_bytes(8, "little") + b"{not json" + b"\0" * 64)
+    (folder / "bad_text.safetensors").write_text("this is a text file, not a LoRA\n")
+    (folder / "bad_empty.safetensors").write_bytes(b"")
+    nan = dict(good)
+    key = next(k for k in nan if k.endswith("lora_up.weight"))
+    nan[key] = nan[key].clone()
+    nan[key][0, 0] = float("nan")
+    save_file(nan, str(folder / "bad_nan.safetensors"))
+    ranks = dict(good)
+    down = next(k for k in ranks if k.endswith("lora_down.weight"))
+    ranks[down] = ranks[down][:3].clone()
+    save_file(ranks, str(folder / "bad_ranks.safetensors"))
+    save_file({"foo.bar": torch.zeros(2, 2)}, str(folder / "bad_unknown.safetensors"))
+    torch.save({"x": argparse.Namespace(a=1)}, str(folder / "bad_pickle.pt"))  # weights-only loading must refuse it
+
+
+#: file → words the node error must contain (besides the file name).
+BAD_LORAS = {
+    "bad_truncated.safetensors": "truncated",
+    "bad_header.safetensors": "corrupt safetensors header",
+    "bad_text.safetensors": "not a safetensors file",
+    "bad_empty.safetensors": "empty",
+    "bad_nan.safetensors": "NaN",
+    "bad_ranks.safetensors": "ranks disagree",
+    "bad_unknown.safetensors": "no LoRA module found",
+    "bad_pickle.pt": "weights-only",
+    "for_sdxl.safetensors": "another base model",
+}
 
 
 def _sampling(model_ref: list, prefix: str) -> dict[str, Any]:
@@ -107,4 +147,17 @@ def test_lora_for_another_base_is_a_node_error_and_the_server_keeps_serving(serv
     err = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
     assert err["node_type"] == "ProLoRAMatchModules"
     assert "for_sdxl.safetensors" in err["exception_message"] and "another base model" in err["exception_message"]
+    server.run(_transfer_workflow("concept.safetensors"), timeout=120)  # still serving
+
+
+@pytest.mark.parametrize("name", list(BAD_LORAS))
+def test_bad_lora_is_a_clear_node_error_and_the_server_keeps_serving(server: comfy_host.ComfyServer, name: str) -> None:
+    prompt_id = server.post_prompt(_transfer_workflow(name))
+    entry = server.wait(prompt_id, timeout=120)
+    assert entry["status"]["status_str"] == "error"
+    err = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    message = err["exception_message"]
+    assert name in message and BAD_LORAS[name] in message, message
+    assert err["node_type"].startswith("ProLoRA")
+    assert server.process.poll() is None
     server.run(_transfer_workflow("concept.safetensors"), timeout=120)  # still serving
