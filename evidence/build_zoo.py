@@ -8,13 +8,15 @@ Models (``zoo/<name>.safetensors``, fp16, ``model.diffusion_model.`` keys, metad
 ``tests/comfy_host.save_model_state``):
 
 * ``source``        — trained from init seed 0 on the ``base`` data.
-* ``descendant_a``  — ``source`` fine-tuned on the ``shifted`` mix (dark backgrounds, other palette);
-                      ``descendant_a_near`` is the same run's early checkpoint (a ladder of distances).
+* ``descendant_a``  — ``source`` fine-tuned 600 steps on the ``shifted`` data (dark backgrounds, other palette).
+* ``descendant_a_near`` — a gentle relative: ``source`` fine-tuned 300 steps at lr 5e-4 on the ``mixed``
+                      data (70 % ``base``, 30 % ``shifted``), so most of its domain is still the source's.
 * ``unrelated_c``   — same architecture, init seed 1, its own ``base`` data draw: no shared history.
 * Descendant B (pruned + distilled) is NOT built: it did not fit the CPU budget.
 
 LoRAs (``zoo/lora_<style|concept>_<model>.safetensors``, rank 4, alpha 4, fp16, kohya names): the
-same data, steps, init seed and data seed on every model.
+same data, steps, init seed and data seed on every model; style 900 steps at lr 6e-3 (its first
+300-step version barely showed in samples even on the source), concept 300 steps at lr 4e-3.
 
 Training is in ComfyUI's k-diffusion parametrisation on the model's own ``model_sampling``
 (ε-prediction, ``x_t = x0 + σ·ε`` with σ of a uniformly drawn discrete timestep), through
@@ -62,14 +64,23 @@ class Recipe:
     source_steps: int = 1500
     source_lr: float = 2e-3
     a_steps: int = 600
-    a_near_steps: int = 150
+    a_near_steps: int = 150  # v1 only (descendant_a_near was this checkpoint of descendant_a); unused since v2
     a_lr: float = 1e-3
     lora_steps: int = 300
     lora_lr: float = 4e-3
+    # v2: the style LoRA trains longer (its 300-step version barely showed in samples even on the
+    # source) and descendant_a_near is a gentle fine-tune of source on the 70/30 base/shifted mix
+    # (no longer descendant_a's early checkpoint), so its trained-on-target LoRA is not dominated by
+    # undoing domain drift.
+    style_lora_steps: int = 900
+    style_lora_lr: float = 6e-3
+    near_steps: int = 300
+    near_lr: float = 5e-4
 
     def scaled(self, f: float) -> "Recipe":
         return Recipe(max(2, int(self.source_steps * f)), self.source_lr, max(2, int(self.a_steps * f)),
-                      max(1, int(self.a_near_steps * f)), self.a_lr, max(2, int(self.lora_steps * f)), self.lora_lr)
+                      max(1, int(self.a_near_steps * f)), self.a_lr, max(2, int(self.lora_steps * f)), self.lora_lr,
+                      max(2, int(self.style_lora_steps * f)), self.style_lora_lr, max(2, int(self.near_steps * f)), self.near_lr)
 
 
 MODELS = ("source", "descendant_a_near", "descendant_a", "unrelated_c")
@@ -189,14 +200,17 @@ def job(name: str, out: str, recipe_json: str) -> tuple[str, float]:
         save_zoo_model(p, out_dir / "unrelated_c.safetensors", _meta(name, recipe, **{"prolora.zoo.data": "base", "prolora.zoo.init_seed": "1"}))
     elif name == "descendant_a":
         p = load_zoo_model(out_dir / "source.safetensors")
-        meta = _meta("descendant_a_near", recipe, **{"prolora.zoo.data": "shifted", "prolora.zoo.parent": "source"})
-        train_full(p, "shifted", recipe.a_steps, recipe.a_lr, data_seed=3, name=name,
-                   checkpoints={recipe.a_near_steps: out_dir / "descendant_a_near.safetensors"}, meta=meta)
+        train_full(p, "shifted", recipe.a_steps, recipe.a_lr, data_seed=3, name=name)
         save_zoo_model(p, out_dir / "descendant_a.safetensors", _meta(name, recipe, **{"prolora.zoo.data": "shifted", "prolora.zoo.parent": "source"}))
+    elif name == "descendant_a_near":
+        p = load_zoo_model(out_dir / "source.safetensors")
+        train_full(p, "mixed", recipe.near_steps, recipe.near_lr, data_seed=4, name=name)
+        save_zoo_model(p, out_dir / "descendant_a_near.safetensors", _meta(name, recipe, **{"prolora.zoo.data": "mixed", "prolora.zoo.parent": "source"}))
     elif name.startswith("lora_"):
         _, family, model_name = name.split("_", 2)
         p = load_zoo_model(out_dir / f"{model_name}.safetensors")
-        tensors, losses = train_lora(p, family, recipe.lora_steps, recipe.lora_lr, name)
+        steps, lr = (recipe.style_lora_steps, recipe.style_lora_lr) if family == "style" else (recipe.lora_steps, recipe.lora_lr)
+        tensors, losses = train_lora(p, family, steps, lr, name)
         import safetensors.torch
         safetensors.torch.save_file(tensors, str(out_dir / f"{name}.safetensors"), metadata={
             "ss_network_dim": str(LORA_RANK), "ss_network_alpha": str(LORA_ALPHA), "prolora.zoo.base": model_name,
@@ -316,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     rj = json.dumps(recipe.__dict__)
     save_conditioning(args.out)
     stages = [["source", "unrelated_c"],
-              ["descendant_a"] + [f"lora_{l}_{m}" for m in ("source", "unrelated_c") for l in LORAS],
+              ["descendant_a", "descendant_a_near"] + [f"lora_{l}_{m}" for m in ("source", "unrelated_c") for l in LORAS],
               [f"lora_{l}_{m}" for m in ("descendant_a", "descendant_a_near") for l in LORAS]]
     wanted = set(args.only) if args.only else None
     t_all = time.time()

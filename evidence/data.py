@@ -104,6 +104,11 @@ def make_images(kind: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
         bg = 0.6 + 0.3 * torch.rand(n, 3, 1, 1, generator=gen)
         bg = bg * 0.5 + bg.mean(1, keepdim=True) * 0.5  # greyish
         colors = SRC_PALETTE[torch.randint(0, len(SRC_PALETTE), (n,), generator=gen)]
+    elif kind == "mixed":  # the gentle descendant's fine-tuning mix: 70 % base, 30 % shifted (per image)
+        base_img, base_cls = make_images("base", n, seed)
+        sh_img, sh_cls = make_images("shifted", n, seed + 7_777_777)
+        pick = torch.rand(n, generator=gen) < 0.3
+        return torch.where(pick.view(n, 1, 1, 1), sh_img, base_img), torch.where(pick, sh_cls, base_cls)
     elif kind == "shifted":
         classes = torch.multinomial(torch.tensor([0.25, 0.25, 0.5]), n, replacement=True, generator=gen)
         bg = 0.05 + 0.25 * torch.rand(n, 3, 1, 1, generator=gen)
@@ -116,6 +121,27 @@ def make_images(kind: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
         s = stripe_mask().view(1, 1, SIZE, SIZE) * STRIPE_STRENGTH
         img = img * (1 - s) + STRIPE_COLOR.view(1, 3, 1, 1) * s
     return img.clamp(0, 1), classes
+
+
+def overlay(kind: str, img: torch.Tensor) -> torch.Tensor:
+    """``img`` with the style LoRA's stripes (``kind="style"``) or the concept LoRA's red ring (``"concept"``)
+    painted over it: the LoRA's edit applied to images of any domain (for the in-domain measure)."""
+    if kind == "style":
+        s = stripe_mask().view(1, 1, SIZE, SIZE) * STRIPE_STRENGTH
+        return (img * (1 - s) + STRIPE_COLOR.view(1, 3, 1, 1) * s).clamp(0, 1)
+    if kind == "concept":
+        m = _ring(img.shape[0], torch.Generator().manual_seed(4242))[:, None]
+        return (img * (1 - m) + RING_COLOR.view(1, 3, 1, 1) * m).clamp(0, 1)
+    raise ValueError(kind)
+
+
+def domain_pair(lora: str, domain: str, n: int, seed: int, table: torch.Tensor | None = None):
+    """``(plain latents, edited latents, contexts)`` of ``domain`` images (same images, same prompts; the
+    edited ones carry the LoRA's stripes / ring). Style: the images' own prompts; concept: the ring prompt."""
+    img, cls = make_images(domain, n, seed)
+    table = conditioning_table() if table is None else table
+    ctx = table[cls] if lora == "style" else table[3].expand(n, *table.shape[1:])
+    return image_to_latent(img), image_to_latent(overlay(lora, img)), ctx
 
 
 def image_to_latent(img: torch.Tensor) -> torch.Tensor:
@@ -172,7 +198,7 @@ def background_brightness(img: torch.Tensor) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    for fam in ("base", "shifted", "style", "concept"):
+    for fam in ("base", "shifted", "mixed", "style", "concept"):
         im, c = make_images(fam, 512, 0)
         print(f"{fam:8s} classes {c.bincount(minlength=4).tolist()}  stripe {stripe_score(im).mean():.3f}  "
               f"ring {ring_score(im).mean():.3f}  background {background_brightness(im).mean():.2f}")

@@ -21,6 +21,13 @@ Metrics (per evaluation seed; tables show mean ± std over seeds):
                   ``bg`` (background brightness) shows whether a method keeps the target's own drift
                   (descendant A draws dark backgrounds; a LoRA trained on light-background data pulls
                   them back, which the loss rewards but a user of A may not want).
+* ``in-domain effect`` — the adapter's effect in the TARGET's own domain (the confound check of
+                  issue 4): loss(plain images of the target's domain) − loss(the same images with the
+                  LoRA's edit painted on: stripes for style, the red ring under the ring prompt for
+                  concept), i.e. how much target+LoRA prefers the edit in that domain; the domain is the
+                  target's training data (``prolora.zoo.data``: ``base``, ``mixed`` or ``shifted``).
+                  ``gap closed (in domain)`` puts No LoRA at 0 and Trained-on-target at 1 on it;
+                  ``detector gap`` does the same with the sample detector score.
 * ``Δcopy``     — ‖ΔW_mode − ΔW_copy‖_F / ‖ΔW_copy‖_F over all modules; ``norm`` — ‖ΔW_mode‖/‖ΔW_copy‖;
                   ``moved`` — modules transferred / modules in the LoRA (the Φ filter).
 
@@ -73,6 +80,7 @@ class Target:
     patcher: object
     state: dict[str, torch.Tensor]
     weights: SafetensorsWeights
+    domain: str = "base"
 
 
 class Zoo:
@@ -86,7 +94,10 @@ class Zoo:
     def load(self, name: str) -> Target:
         path = self.dir / f"{name}.safetensors"
         p = load_zoo_model(path)
-        return Target(name, p, unet_state(p), SafetensorsWeights(path))
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            domain = (f.metadata() or {}).get("prolora.zoo.data", "base")
+        return Target(name, p, unet_state(p), SafetensorsWeights(path), domain)
 
     def target(self, name: str) -> Target:
         if name not in self.targets:
@@ -128,7 +139,9 @@ class Evaluator:
 
     def __init__(self, zoo: Zoo, n_loss: int, seeds: list[int]) -> None:
         self.zoo, self.n, self.seeds = zoo, n_loss, seeds
-        self.draws: dict[tuple[str, int], tuple] = {}
+        self.draws: dict[tuple, tuple] = {}
+        self.n_dom = n_loss
+        self.sweep_domain = True
 
     def draw(self, lora: str, seed: int):
         key = (lora, seed)
@@ -149,6 +162,30 @@ class Evaluator:
         out = [diffusion_loss(target.patcher.model, params, x0[i:i + 128], ctx[i:i + 128], noise[i:i + 128], sigma[i:i + 128])
                for i in range(0, self.n, 128)]
         return float(torch.cat(out).mean())
+
+    def domain_draw(self, lora: str, domain: str, seed: int):
+        key = (lora, domain, seed)
+        if key not in self.draws:
+            n = self.n_dom
+            plain, edited, ctx = D.domain_pair(lora, domain, n, 700_000 + seed, self.zoo.table)
+            gen = torch.Generator().manual_seed(53 + seed)
+            sigma = sample_training_sigmas(self.zoo.source.patcher.model, n, gen)
+            noise = torch.randn(plain.shape, generator=gen)
+            self.draws[key] = (plain, edited, ctx, noise, sigma)
+        return self.draws[key]
+
+    @torch.no_grad()
+    def effect(self, target: Target, deltas: dict[str, torch.Tensor] | None, lora: str, seed: int) -> float:
+        """In the target's own domain: loss(plain) − loss(edited) (same images, noise, σ, prompts)."""
+        plain, edited, ctx, noise, sigma = self.domain_draw(lora, target.domain, seed)
+        params = {**target.state, **(merged_params(target.state, deltas) if deltas else {})}
+        tot = 0.0
+        for i in range(0, plain.shape[0], 128):
+            sl = slice(i, i + 128)
+            lp = diffusion_loss(target.patcher.model, params, plain[sl], ctx[sl], noise[sl], sigma[sl])
+            le = diffusion_loss(target.patcher.model, params, edited[sl], ctx[sl], noise[sl], sigma[sl])
+            tot += float((lp - le).sum())
+        return tot / plain.shape[0]
 
 
 def samples(zoo: Zoo, target: Target, tensors: dict[str, torch.Tensor] | None, lora: str, seed: int, n: int) -> torch.Tensor:
@@ -196,25 +233,30 @@ def main_table(zoo: Zoo, ev: Evaluator, targets: list[str], loras: list[str], n_
             for m, mode in ENGINE_MODES.items():
                 tensors[m], summaries[m] = engine_transfer(zoo, lora, t, mode)
             deltas = {m: (deltas_from_kohya(v, t.state) if v else {}) for m, v in tensors.items()}
-            per = {m: {"loss": [], "mse": [], "det": [], "bg": []} for m in METHODS}
+            per = {m: {"loss": [], "mse": [], "det": [], "bg": [], "eff": []} for m in METHODS}
             imgs_by_seed = {}
             for s in ev.seeds:
                 imgs = {m: samples(zoo, t, tensors[m], lora, s, n_samples) for m in METHODS}
                 imgs_by_seed[s] = imgs
                 for m in METHODS:
                     per[m]["loss"].append(ev.loss(t, deltas[m], lora, s))
+                    per[m]["eff"].append(ev.effect(t, deltas[m], lora, s))
                     per[m]["mse"].append(float((imgs[m] - imgs["trained"]).square().mean()))
                     per[m]["det"].append(detector(lora, imgs[m]))
                     per[m]["bg"].append(float(D.background_brightness(imgs[m]).mean()))
             for m in METHODS:
                 gaps = [gap(per["no LoRA"]["loss"][i], per[m]["loss"][i], per["trained"]["loss"][i]) for i in range(len(ev.seeds))]
+                # effect and detector: higher is better, so (method − no) / (trained − no)
+                igaps = [gap(-per["no LoRA"]["eff"][i], -per[m]["eff"][i], -per["trained"]["eff"][i]) for i in range(len(ev.seeds))]
+                dgaps = [gap(-per["no LoRA"]["det"][i], -per[m]["det"][i], -per["trained"]["det"][i]) for i in range(len(ev.seeds))]
                 dc, nr = delta_stats(deltas[m], deltas["copy"]) if m != "no LoRA" else (1.0, 0.0)
                 sm = summaries.get(m)
                 moved = f"{sm['transferred']}/{sm['modules']}" if sm else ("all" if m == "trained" else "0")
                 rows.append(dict(lora=lora, target=tname, method=m, loss=per[m]["loss"], gap=gaps, mse=per[m]["mse"], det=per[m]["det"],
-                                 bg=per[m]["bg"], dcopy=dc, norm=nr, moved=moved, src_loss=src_loss,
+                                 bg=per[m]["bg"], eff=per[m]["eff"], igap=igaps, dgap=dgaps, domain=t.domain, dcopy=dc, norm=nr, moved=moved, src_loss=src_loss,
                                  src_det=[detector(lora, src_imgs[s]) for s in ev.seeds]))
-            log(f"{lora} → {tname}: " + ", ".join(f"{m} gap {mean([r for r in rows[-len(METHODS) + i]['gap']]):.2f}" for i, m in enumerate(METHODS)))
+            log(f"{lora} → {tname}: " + ", ".join(f"{m} gap {mean(rows[-len(METHODS) + i]['gap']):.2f}/{mean(rows[-len(METHODS) + i]['igap']):.2f}"
+                                                  for i, m in enumerate(METHODS)))
             if grids and out is not None:
                 s0 = ev.seeds[0]
                 g = [("source+LoRA", src_imgs[s0]), (f"{tname}", imgs_by_seed[s0]["no LoRA"]),
@@ -233,11 +275,14 @@ def format_main(rows: list[dict]) -> str:
             rs = [r for r in rows if r["lora"] == lora and r["target"] == tname]
             lines.append(f"\n#### {lora} LoRA → {tname}\n")
             lines.append(f"source+LoRA on its own data: loss {mstd(rs[0]['src_loss'])}, {det} {mstd(rs[0]['src_det'])}\n")
-            lines.append(f"| method | loss | gap closed | MSE → trained samples | {det} | bg | Δcopy | norm | moved |")
-            lines.append("|---|---|---|---|---|---|---|---|---|")
+            lines.append(f"target domain (for the in-domain columns): `{rs[0].get('domain', '?')}`\n")
+            lines.append(f"| method | loss | gap closed | MSE → trained samples | {det} | bg | Δcopy | norm | moved "
+                         f"| in-domain effect | gap closed (in domain) | detector gap |")
+            lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
             for r in rs:
                 lines.append(f"| {r['method']} | {mstd(r['loss'])} | {mstd(r['gap'])} | {mstd(r['mse'])} | {mstd(r['det'])} | "
-                             f"{mstd(r['bg'])} | {r['dcopy']:.3f} | {r['norm']:.3f} | {r['moved']} |")
+                             f"{mstd(r['bg'])} | {r['dcopy']:.3f} | {r['norm']:.3f} | {r['moved']} "
+                             f"| {mstd(r.get('eff', []))} | {mstd(r.get('igap', []))} | {mstd(r.get('dgap', []))} |")
     return "\n".join(lines)
 
 
@@ -250,6 +295,8 @@ def sweep(zoo: Zoo, ev: Evaluator, targets: list[str], loras: list[str], modes=(
             base = {s: ev.loss(t, None, lora, s) for s in ev.seeds}
             tr = deltas_from_kohya(safetensors.torch.load_file(str(zoo.lora_path(lora, tname))), t.state)
             trained = {s: ev.loss(t, tr, lora, s) for s in ev.seeds}
+            base_e = {s: ev.effect(t, None, lora, s) for s in ev.seeds}
+            trained_e = {s: ev.effect(t, tr, lora, s) for s in ev.seeds}
             copy_t, _ = engine_transfer(zoo, lora, t, "copy")
             copy_d = deltas_from_kohya(copy_t, t.state)
             configs = [(k, DEFAULT_THRESHOLD) for k in K_SWEEP] + [(None, th) for th in T_SWEEP if th != DEFAULT_THRESHOLD]
@@ -258,8 +305,9 @@ def sweep(zoo: Zoo, ev: Evaluator, targets: list[str], loras: list[str], modes=(
                     tensors, sm = engine_transfer(zoo, lora, t, mode, k, th)
                     d = deltas_from_kohya(tensors, t.state) if tensors else {}
                     gaps = [gap(base[s], ev.loss(t, d, lora, s), trained[s]) for s in ev.seeds]
+                    igaps = [gap(-base_e[s], -ev.effect(t, d, lora, s), -trained_e[s]) for s in ev.seeds] if ev.sweep_domain else []
                     dc, nr = delta_stats(d, copy_d)
-                    res.append(dict(lora=lora, target=tname, mode=mode, k=k, threshold=th, gap=gaps, dcopy=dc, norm=nr,
+                    res.append(dict(lora=lora, target=tname, mode=mode, k=k, threshold=th, gap=gaps, igap=igaps, dcopy=dc, norm=nr,
                                     moved=f"{sm['transferred']}/{sm['modules']}"))
                 log(f"sweep {lora} → {tname} {mode}: " + " ".join(f"k={r['k']},t={r['threshold']}:{mean(r['gap']):.2f}" for r in res[-len(configs):]))
     return res
@@ -270,7 +318,7 @@ def format_sweep(res: list[dict]) -> str:
     for lora in dict.fromkeys(r["lora"] for r in res):
         for tname in dict.fromkeys(r["target"] for r in res if r["lora"] == lora):
             rs = [r for r in res if r["lora"] == lora and r["target"] == tname]
-            lines.append(f"\n#### {lora} LoRA → {tname}: gap closed (Δcopy, modules moved)\n")
+            lines.append(f"\n#### {lora} LoRA → {tname}: gap closed on the LoRA's data / in the target's domain (Δcopy, modules moved)\n")
             configs = list(dict.fromkeys((r["k"], r["threshold"]) for r in rs))
             modes = list(dict.fromkeys(r["mode"] for r in rs))
             lines.append("| k | threshold | " + " | ".join(modes) + " |")
@@ -279,7 +327,7 @@ def format_sweep(res: list[dict]) -> str:
                 cells = []
                 for m in modes:
                     r = next(r for r in rs if r["mode"] == m and r["k"] == k and r["threshold"] == th)
-                    cells.append(f"{mstd(r['gap'])} ({r['dcopy']:.2f}, {r['moved']})")
+                    cells.append(f"{mstd(r['gap'])} / {mstd(r.get('igap', []))} ({r['dcopy']:.2f}, {r['moved']})")
                 lines.append(f"| {'default' if k is None else k} | {th} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -292,8 +340,9 @@ def plot_sweep(res: list[dict], out: Path) -> list[Path]:
     paths = []
     for what, key in (("k", "k"), ("threshold", "threshold")):
         loras = list(dict.fromkeys(r["lora"] for r in res))
-        fig, axes = plt.subplots(1, len(loras), figsize=(5 * len(loras), 3.6), squeeze=False)
-        for ax, lora in zip(axes[0], loras):
+        fig, axes = plt.subplots(2, len(loras), figsize=(5 * len(loras), 7.0), squeeze=False)
+        for (row, gkey), lora in [((row, gkey), lora) for row, gkey in enumerate(("gap", "igap")) for lora in loras]:
+            ax = axes[row][loras.index(lora)]
             for tname in dict.fromkeys(r["target"] for r in res):
                 for mode, ls in (("prolora", "--"), ("prolora-full", "-"), ("subspace", ":")):
                     if what == "k":
@@ -306,14 +355,14 @@ def plot_sweep(res: list[dict], out: Path) -> list[Path]:
                         xs = [r["threshold"] for r in rs]
                     if not rs:
                         continue
-                    ys = [mean(r["gap"]) for r in rs]
+                    ys = [mean(r.get(gkey, [])) for r in rs]
                     ax.plot(xs, ys, ls, marker="o", ms=3, label=f"{tname} {mode}")
             ax.axhline(1.0, color="k", lw=0.5)
             ax.axhline(0.0, color="k", lw=0.5)
             ax.set_xlabel("subspace rank k" if what == "k" else "Φ threshold (k: default rule)")
             if what == "k":
                 ax.set_xscale("log", base=2)
-            ax.set_ylabel("gap closed (loss)")
+            ax.set_ylabel("gap closed (loss on LoRA data)" if gkey == "gap" else "gap closed (in target domain)")
             ax.set_title(f"{lora} LoRA")
             ax.legend(fontsize=6)
         fig.tight_layout()
@@ -328,7 +377,7 @@ def goals(rows: list[dict]) -> str:
     """The issue's goals, checked mechanically on the main table (mean over seeds)."""
     def get(lora, target, method, key="gap"):
         r = next((r for r in rows if r["lora"] == lora and r["target"] == target and r["method"] == method), None)
-        return None if r is None else mean(r[key])
+        return None if r is None else mean(r.get(key, []))
 
     out = ["| LoRA | target | check | value | met |", "|---|---|---|---|---|"]
     for lora in dict.fromkeys(r["lora"] for r in rows):
@@ -340,6 +389,12 @@ def goals(rows: list[dict]) -> str:
                     for other in ("copy", "subspace"):
                         lo, lm = get(lora, target, other, "loss"), get(lora, target, mode, "loss")
                         out.append(f"| {lora} | {target} | {mode} loss < {other} loss | {lm:.4f} vs {lo:.4f} | {'yes' if lm < lo else 'no'} |")
+                    ig = get(lora, target, mode, "igap")
+                    if ig is not None and math.isfinite(ig):
+                        out.append(f"| {lora} | {target} | {mode} gap closed in target domain ≥ 0.90 | {ig:.3f} | {'yes' if ig >= 0.9 else 'no'} |")
+                        for other in ("copy", "subspace"):
+                            io = get(lora, target, other, "igap")
+                            out.append(f"| {lora} | {target} | {mode} in-domain gap > {other} | {ig:.3f} vs {io:.3f} | {'yes' if ig > io else 'no'} |")
             else:
                 base = get(lora, target, "no LoRA", "loss")
                 for mode in ("prolora", "prolora-full"):
@@ -366,6 +421,7 @@ def run(args) -> str:
     zoo = Zoo(args.zoo)
     seeds = list(range(args.seeds))
     ev = Evaluator(zoo, args.n_loss, seeds)
+    ev.sweep_domain = not args.no_sweep_domain
     targets = [t for t in args.targets if (args.zoo / f"{t}.safetensors").exists()]
     rows = main_table(zoo, ev, targets, args.loras, args.n_samples, grids=not args.quick, out=out)
     sweep_rows = []
@@ -390,10 +446,15 @@ def write_report(args, rows: list[dict], sweep_rows: list[dict], t0: float, seed
         text[1:1] = [rec.read_text()]
     if sweep_rows:
         text += ["\n## Sweeps: subspace rank k (threshold 0.8) and threshold (default k)\n",
-                 "Cells: gap closed mean ± std over seeds, (Δcopy, modules moved).\n", format_sweep(sweep_rows)]
+                 "Cells: gap closed on the LoRA's data / gap closed in the target's own domain (mean ± std over seeds), "
+                 "(Δcopy, modules moved).\n", format_sweep(sweep_rows)]
         if out is not None:
             plot_sweep(sweep_rows, out)
-    text.append(f"\n_Protocol ran in {time.time() - t0:.0f} s._\n")
+    if args.merge:
+        text.append(f"\n_Report merged (`--merge`) from the runs in {', '.join(f'`{d}`' for d in args.merge)}; "
+                    "their commands and run times are in evidence/README.md._\n")
+    else:
+        text.append(f"\n_Protocol ran in {time.time() - t0:.0f} s._\n")
     md = "\n".join(text)
     if out is not None:
         (out / ("results_quick.md" if args.quick else "results.md")).write_text(md)
@@ -412,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", nargs="*", default=list(TARGETS))
     ap.add_argument("--loras", nargs="*", default=list(LORAS))
     ap.add_argument("--sweep-targets", nargs="*", default=["descendant_a_near", "descendant_a"])
+    ap.add_argument("--no-sweep-domain", action="store_true", help="sweeps: skip the in-domain gap (halves their cost)")
     ap.add_argument("--merge", nargs="*", type=Path, help="only write the report from the results.json of earlier runs (e.g. one per LoRA)")
     args = ap.parse_args(argv)
     if args.quick:

@@ -17,7 +17,7 @@ from .tiny_model_node import load_tiny_model
 from .transfer_nodes import CATEGORY, PREFIX, LoraModelType
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo"
-MODELS = {"source": "source", "descendant A (fine-tuned)": "descendant_a", "descendant A, near (early fine-tune)": "descendant_a_near",
+MODELS = {"source": "source", "descendant, gentle fine-tune": "descendant_a_near", "descendant A, strong fine-tune": "descendant_a",
           "unrelated C": "unrelated_c"}
 LORAS = ("style", "concept")
 CLASSES = ("disc", "square", "bar", "red ring")
@@ -38,7 +38,9 @@ class DemoModels(io.ComfyNode):
             node_id=f"{PREFIX}DemoModels", display_name="Demo Models (ProLoRA)", category=CATEGORY,
             description="The project's tiny zoo: a source UNet, a fine-tuned descendant, an unrelated model, and LoRAs trained on the source.",
             inputs=[
-                io.Combo.Input("target", options=list(MODELS)[1:], default="descendant A (fine-tuned)", tooltip="Which model plays the target."),
+                io.Combo.Input("target", options=list(MODELS)[1:], default="descendant, gentle fine-tune",
+                               tooltip="Which model plays the target: a gentle fine-tune of the source (transfer works well), a strong one "
+                                       "(its domain drifted: transfer recovers about half), or an unrelated model (the filter skips it)."),
                 io.Combo.Input("lora", options=list(LORAS), default="style", tooltip="style: yellow diagonal stripes; concept: a red ring (prompt 'red ring')."),
             ],
             outputs=[

@@ -38,7 +38,7 @@ def main() -> int:
         if args.write_workflows:
             for p in workflows.write_examples(server.object_info()):
                 print(f"[demo] wrote {p}")
-        print("[demo] running example workflow (a): the zoo's style LoRA moved to its fine-tuned descendant, side by side", flush=True)
+        print("[demo] running example workflow (a): the zoo's style LoRA moved to its gently fine-tuned descendant, side by side", flush=True)
         entry = server.run(workflows.side_by_side().api(), timeout=600)
         saved = []
         for node_out in entry["outputs"].values():

@@ -112,16 +112,16 @@ def _sample(g: Graph, model: Any, cond: Node, latent: Node, label: str) -> Node:
 
 
 def side_by_side() -> Graph:
-    """(a) The style LoRA of the zoo's source moved to the fine-tuned descendant, next to the
+    """(a) The style LoRA of the zoo's source moved to its gently fine-tuned descendant, next to the
     alternatives: source + LoRA | target | target + ProLoRA | target + copied LoRA | target +
     LoRA trained on it | unrelated model + ProLoRA."""
     g = Graph("prolora_side_by_side", "Transfer a demo LoRA to each demo target and compare side by side (runs as shipped).")
     cond = g.add("ProLoRADemoConditioning", prompt="disc")
     latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=4)
-    demo = g.add("ProLoRADemoModels", target="descendant A (fine-tuned)", lora="style")
+    demo = g.add("ProLoRADemoModels", target="descendant, gentle fine-tune", lora="style")
     other = g.add("ProLoRADemoModels", title="Demo Models: unrelated", target="unrelated C", lora="style")
     b_src = g.add("ProLoRAComputeBasis", model=demo[0], subspace_rank=0, device="auto", use_cache=True, name="zoo source")
-    b_tgt = g.add("ProLoRAComputeBasis", model=demo[1], subspace_rank=0, device="auto", use_cache=True, name="zoo descendant A")
+    b_tgt = g.add("ProLoRAComputeBasis", model=demo[1], subspace_rank=0, device="auto", use_cache=True, name="zoo gentle descendant")
     b_unrel = g.add("ProLoRAComputeBasis", model=other[1], subspace_rank=0, device="auto", use_cache=True, name="zoo unrelated C")
     match = g.add("ProLoRAMatchModules", source_basis=b_src[0], target_basis=b_tgt[0], lora=demo[2], threshold=0.8, pairing="name")
     match_unrel = g.add("ProLoRAMatchModules", title="Match Modules: unrelated", source_basis=b_src[0], target_basis=b_unrel[0], lora=demo[2],
@@ -151,10 +151,10 @@ def several_loras() -> Graph:
     """(c) Two LoRAs (style and concept) transferred against one pair of bases and one match."""
     g = Graph("prolora_several_loras", "Transfer several LoRAs against one basis (runs as shipped).")
     latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=4)
-    style = g.add("ProLoRADemoModels", title="Demo Models: style", target="descendant A (fine-tuned)", lora="style")
-    concept = g.add("ProLoRADemoModels", title="Demo Models: concept", target="descendant A (fine-tuned)", lora="concept")
+    style = g.add("ProLoRADemoModels", title="Demo Models: style", target="descendant, gentle fine-tune", lora="style")
+    concept = g.add("ProLoRADemoModels", title="Demo Models: concept", target="descendant, gentle fine-tune", lora="concept")
     b_src = g.add("ProLoRAComputeBasis", model=style[0], subspace_rank=0, device="auto", use_cache=True, name="zoo source")
-    b_tgt = g.add("ProLoRAComputeBasis", model=style[1], subspace_rank=0, device="auto", use_cache=True, name="zoo descendant A")
+    b_tgt = g.add("ProLoRAComputeBasis", model=style[1], subspace_rank=0, device="auto", use_cache=True, name="zoo gentle descendant")
     match = g.add("ProLoRAMatchModules", title="Match Modules (all modules, shared)", source_basis=b_src[0], target_basis=b_tgt[0],
                   threshold=0.8, pairing="name")
     disc = g.add("ProLoRADemoConditioning", title="prompt: disc", prompt="disc")
@@ -164,7 +164,7 @@ def several_loras() -> Graph:
     for name, demo, cond in (("style", style, disc), ("concept", concept, ring)):
         proj = g.add("ProLoRAProjectLoRA", title=f"Project LoRA: {name}", lora=demo[2], match=match[0], mode="prolora-full", out_rank=0,
                      rescale_to_source_norm=False)
-        g.add("ProLoRASaveLoRA", title=f"Save LoRA: {name}", lora=proj[0], filename=f"prolora/zoo_{name}_to_descendant_a", key_format="as input",
+        g.add("ProLoRASaveLoRA", title=f"Save LoRA: {name}", lora=proj[0], filename=f"prolora/zoo_{name}_to_gentle_descendant", key_format="as input",
               overwrite=True)
         for label, model in ((f"{name}: target", demo[1]), (f"{name}: target + ProLoRA", g.add("LoraModelLoader", model=demo[1], lora=proj[0],
                                                                                                  strength_model=1.0)[0])):
