@@ -1,9 +1,9 @@
 """Tiny SD1.5-shaped UNets as real ComfyUI MODELs, their zoo files, and the diffusion loss.
 
-The same knowledge as ``tests/comfy_host.py`` (``build_model``, ``init_parameters_``,
-``save_model_state``/``load_model_state``), but inside the pack: the demo node loads the zoo in a
-stock ComfyUI, where ``tests/`` is not importable. Zoo files use the same metadata scheme
-(``prolora.model_kind``, ``prolora.unet_config``, ``prolora.key_prefix``).
+``init_parameters_`` here is the one initialiser (``tests/comfy_host.py`` calls it), so the zoo's
+rebuild does not depend on the test harness. Zoo files use the metadata scheme that the pack's
+``Load Tiny Model`` / ``Demo Models`` nodes read (``prolora.model_kind``, ``prolora.unet_config``,
+``prolora.key_prefix``).
 """
 from __future__ import annotations
 

@@ -132,27 +132,14 @@ SDXL_UNET_CONFIG: dict[str, Any] = {
 
 
 def init_parameters_(module: torch.nn.Module, seed: int) -> None:
-    """Deterministically overwrite every parameter of ``module`` (comfy.ops leaves them uninitialised).
+    """Deterministically overwrite every parameter of ``module`` (comfy.ops leaves them uninitialised):
+    the zoo's own initialiser (``evidence.models.init_parameters_``), so tests and zoo build alike.
 
-    Norm layers get weight 1 / bias 0; other weights ~ N(0, 1/fan_in); other biases and
-    1-d parameters ~ N(0, 0.02²). Depends only on ``seed`` and the parameter names.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    norm_params: set[str] = set()
-    for mod_name, mod in module.named_modules():
-        if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-            norm_params.update(f"{mod_name}.{p}" if mod_name else p for p, _ in mod.named_parameters(recurse=False))
-    with torch.no_grad():
-        for name, param in sorted(module.named_parameters(), key=lambda kv: kv[0]):
-            if name in norm_params:
-                param.fill_(1.0 if name.endswith("weight") else 0.0)
-                continue
-            values = torch.randn(param.shape, generator=gen, dtype=torch.float32)
-            if param.dim() >= 2:
-                values /= max(1, param[0].numel()) ** 0.5  # fan_in of Linear/Conv/Embedding rows
-            else:
-                values *= 0.02
-            param.copy_(values.to(param.dtype))
+    Imported lazily: ``evidence`` configures ComfyUI on import, which is a no-op only once
+    ``comfy.model_management`` is loaded (every caller here has loaded it)."""
+    from evidence.models import init_parameters_ as zoo_init
+
+    zoo_init(module, seed)
 
 
 def build_model(kind: str, unet_config: dict[str, Any], seed: int) -> ModelPatcher:
