@@ -12,7 +12,17 @@ Models (``zoo/<name>.safetensors``, fp16, ``model.diffusion_model.`` keys, metad
 * ``descendant_a_near`` — a gentle relative: ``source`` fine-tuned 300 steps at lr 5e-4 on the ``mixed``
                       data (70 % ``base``, 30 % ``shifted``), so most of its domain is still the source's.
 * ``unrelated_c``   — same architecture, init seed 1, its own ``base`` data draw: no shared history.
-* Descendant B (pruned + distilled) is NOT built: it did not fit the CPU budget.
+* ``descendant_b``  — a pruned copy of ``source`` (like SSD-1B from SDXL): the mid-block's
+                      transformer and second res block are removed (``transformer_depth_middle`` −1,
+                      as SSD-1B's config), and the level-1 output stage keeps its two transformer
+                      blocks, in order, in ONE SpatialTransformer (``transformer_depth_output``
+                      [1, 1, 2, 0]; ``output_blocks.0.1``'s proj_in / proj_out / norm are gone):
+                      B's ``output_blocks.1.1.transformer_blocks.0`` is the source's
+                      ``output_blocks.0.1.transformer_blocks.0`` and the source's
+                      ``output_blocks.1.1.transformer_blocks.0`` is renumbered to ``…transformer_blocks.1``,
+                      so a name now points at another block's weights. Initialised from the source's
+                      weights (:data:`B_FROM_SOURCE`), then distilled from the source on the ``base``
+                      data (ε-prediction of the source as teacher + the plain diffusion loss).
 
 LoRAs (``zoo/lora_<style|concept>_<model>.safetensors``, rank 4, alpha 4, fp16, kohya names): the
 same data, steps, init seed and data seed on every model; style 900 steps at lr 6e-3 (its first
@@ -48,8 +58,8 @@ configure_host()
 
 from . import data as D  # noqa: E402
 from .lora_utils import init_lora, lora_deltas, merged_params, to_kohya  # noqa: E402
-from .models import (SD15_UNET_CONFIG, build_model, diffusion_loss, load_zoo_model, sample_training_sigmas,  # noqa: E402
-                     save_zoo_model, unet_state)
+from .models import (SD15_UNET_CONFIG, build_model, diffusion_loss, eps_prediction, load_zoo_model,  # noqa: E402
+                     sample_training_sigmas, save_zoo_model, unet_state)
 
 BATCH = 32
 COND_DROPOUT = 0.1
@@ -76,14 +86,28 @@ class Recipe:
     style_lora_lr: float = 6e-3
     near_steps: int = 300
     near_lr: float = 5e-4
+    # v3: descendant B (pruned + distilled)
+    b_steps: int = 1000
+    b_lr: float = 1e-3
 
     def scaled(self, f: float) -> "Recipe":
         return Recipe(max(2, int(self.source_steps * f)), self.source_lr, max(2, int(self.a_steps * f)),
                       max(1, int(self.a_near_steps * f)), self.a_lr, max(2, int(self.lora_steps * f)), self.lora_lr,
-                      max(2, int(self.style_lora_steps * f)), self.style_lora_lr, max(2, int(self.near_steps * f)), self.near_lr)
+                      max(2, int(self.style_lora_steps * f)), self.style_lora_lr, max(2, int(self.near_steps * f)), self.near_lr,
+                      max(2, int(self.b_steps * f)), self.b_lr)
 
 
-MODELS = ("source", "descendant_a_near", "descendant_a", "unrelated_c")
+MODELS = ("source", "descendant_a_near", "descendant_a", "descendant_b", "unrelated_c")
+
+#: Descendant B's architecture: the source's with SSD-1B-style pruning (see the module docstring).
+#: ``transformer_depth_output`` is popped from its END by ComfyUI's UNetModel: output_blocks.0 gets 2.
+B_UNET_CONFIG = {**SD15_UNET_CONFIG, "transformer_depth_middle": -1, "transformer_depth_output": [1, 1, 2, 0]}
+#: B's weights that come from a differently named source weight (prefix → prefix); every other B
+#: weight comes from the source weight of the same name. The level-1 output stage's two blocks, in
+#: their order, now live in output_blocks.1.1's SpatialTransformer: block 0 came from
+#: output_blocks.0.1, and the source's output_blocks.1.1 block 0 is renumbered to block 1.
+B_FROM_SOURCE = {"output_blocks.1.1.transformer_blocks.0.": "output_blocks.0.1.transformer_blocks.0.",
+                 "output_blocks.1.1.transformer_blocks.1.": "output_blocks.1.1.transformer_blocks.0."}
 LORAS = ("style", "concept")
 
 
@@ -142,6 +166,60 @@ def train_full(patcher, family: str, steps: int, lr: float, data_seed: int, name
             dm.load_state_dict(snap)
     dm.eval()
     round_fp16_(patcher)
+    return losses
+
+
+def pruned_init(source_state: dict[str, torch.Tensor], patcher) -> dict[str, str]:
+    """Load descendant B's weights from the source's (:data:`B_FROM_SOURCE`); returns B key → source key."""
+    dm = patcher.model.diffusion_model
+    origin = {}
+    for key in dm.state_dict():
+        src = key
+        for b_prefix, s_prefix in B_FROM_SOURCE.items():
+            if key.startswith(b_prefix):
+                src = s_prefix + key[len(b_prefix):]
+        if src not in source_state or source_state[src].shape != dm.state_dict()[key].shape:
+            raise ValueError(f"descendant B weight {key} has no source counterpart {src}")
+        origin[key] = src
+    dm.load_state_dict({k: source_state[s] for k, s in origin.items()})
+    return origin
+
+
+def distill(student, teacher, steps: int, lr: float, data_seed: int, name: str) -> list[float]:
+    """Train all of ``student``'s weights to match ``teacher``'s ε-prediction (plus the diffusion loss)."""
+    model, tmodel = student.model, teacher.model
+    dm = model.diffusion_model
+    dm.train()
+    tmodel.diffusion_model.eval()
+    opt = torch.optim.Adam(dm.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(data_seed + 1)
+    table = D.conditioning_table()
+    losses = []
+    t0 = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr)
+        x0, ctx, _ = D.make_batch("base", BATCH, data_seed * 100_000 + step, table)
+        sigma = sample_training_sigmas(model, BATCH, gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        cond = _cond(ctx, gen, table)
+        x_t = x0 + sigma.view(-1, 1, 1, 1) * noise
+        with torch.no_grad():
+            teacher_eps = eps_prediction(tmodel, None, x_t, sigma, cond)
+        eps = eps_prediction(model, None, x_t, sigma, cond)
+        kd = (eps - teacher_eps).square().mean()
+        task = (eps - noise).square().mean()
+        loss = kd + task
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dm.parameters(), 1.0)
+        opt.step()
+        losses.append(float(kd.detach()))
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            log(f"{name}: step {step + 1}/{steps} distillation MSE(avg100) {sum(losses[-100:]) / len(losses[-100:]):.4f} "
+                f"task {float(task.detach()):.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
+    dm.eval()
+    round_fp16_(student)
     return losses
 
 
@@ -206,6 +284,17 @@ def job(name: str, out: str, recipe_json: str) -> tuple[str, float]:
         p = load_zoo_model(out_dir / "source.safetensors")
         train_full(p, "mixed", recipe.near_steps, recipe.near_lr, data_seed=4, name=name)
         save_zoo_model(p, out_dir / "descendant_a_near.safetensors", _meta(name, recipe, **{"prolora.zoo.data": "mixed", "prolora.zoo.parent": "source"}))
+    elif name == "descendant_b":
+        teacher = load_zoo_model(out_dir / "source.safetensors")
+        p = build_model(B_UNET_CONFIG, seed=0)
+        origin = pruned_init(unet_state(teacher), p)
+        renamed = sorted({k.rsplit(".", 1)[0] for k, s in origin.items() if k != s})
+        log(f"{name}: {sum(v.numel() for v in p.model.diffusion_model.parameters())} parameters, "
+            f"{len(renamed)} renamed modules from the source")
+        distill(p, teacher, recipe.b_steps, recipe.b_lr, data_seed=6, name=name)
+        save_zoo_model(p, out_dir / "descendant_b.safetensors", _meta(name, recipe, **{
+            "prolora.zoo.data": "base", "prolora.zoo.parent": "source",
+            "prolora.zoo.renamed_from": json.dumps(B_FROM_SOURCE)}))
     elif name.startswith("lora_"):
         _, family, model_name = name.split("_", 2)
         p = load_zoo_model(out_dir / f"{model_name}.safetensors")
@@ -222,11 +311,17 @@ def job(name: str, out: str, recipe_json: str) -> tuple[str, float]:
 
 
 def save_conditioning(out_dir: Path) -> Path:
+    import safetensors
     import safetensors.torch
 
     path = out_dir / "conditioning.safetensors"
-    safetensors.torch.save_file({"context": D.conditioning_table().contiguous()}, str(path), metadata={
-        "classes": json.dumps(list(D.CLASSES) + ["<empty prompt>"]), "tokens": str(D.TOKENS), "seed": str(D.COND_SEED)})
+    table = D.conditioning_table().contiguous()
+    meta = {"classes": json.dumps(list(D.CLASSES) + ["<empty prompt>"]), "tokens": str(D.TOKENS), "seed": str(D.COND_SEED)}
+    if path.is_file():  # same content already there: keep the file (safetensors orders metadata keys at random)
+        with safetensors.safe_open(str(path), "pt") as f:
+            if f.metadata() == meta and list(f.keys()) == ["context"] and torch.equal(f.get_tensor("context"), table):
+                return path
+    safetensors.torch.save_file({"context": table}, str(path), metadata=meta)
     return path
 
 
@@ -330,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     rj = json.dumps(recipe.__dict__)
     save_conditioning(args.out)
     stages = [["source", "unrelated_c"],
-              ["descendant_a", "descendant_a_near"] + [f"lora_{l}_{m}" for m in ("source", "unrelated_c") for l in LORAS],
-              [f"lora_{l}_{m}" for m in ("descendant_a", "descendant_a_near") for l in LORAS]]
+              ["descendant_a", "descendant_a_near", "descendant_b"] + [f"lora_{l}_{m}" for m in ("source", "unrelated_c") for l in LORAS],
+              [f"lora_{l}_{m}" for m in ("descendant_a", "descendant_a_near", "descendant_b") for l in LORAS]]
     wanted = set(args.only) if args.only else None
     t_all = time.time()
     ctx = mp.get_context("spawn")

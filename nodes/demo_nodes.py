@@ -18,7 +18,7 @@ from .transfer_nodes import CATEGORY, PREFIX, LoraModelType
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo"
 MODELS = {"source": "source", "descendant, gentle fine-tune": "descendant_a_near", "descendant A, strong fine-tune": "descendant_a",
-          "unrelated C": "unrelated_c"}
+          "descendant B, pruned + distilled": "descendant_b", "unrelated C": "unrelated_c"}
 LORAS = ("style", "concept")
 CLASSES = ("disc", "square", "bar", "red ring")
 LATENT_SCALE = 0.18215  # SD1.5's latent format, which the zoo models use
@@ -36,11 +36,13 @@ class DemoModels(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id=f"{PREFIX}DemoModels", display_name="Demo Models (ProLoRA)", category=CATEGORY,
-            description="The project's tiny zoo: a source UNet, a fine-tuned descendant, an unrelated model, and LoRAs trained on the source.",
+            description="The project's tiny zoo: a source UNet, fine-tuned and pruned descendants, an unrelated model, and LoRAs trained on the source.",
             inputs=[
                 io.Combo.Input("target", options=list(MODELS)[1:], default="descendant, gentle fine-tune",
                                tooltip="Which model plays the target: a gentle fine-tune of the source (transfer works well), a strong one "
-                                       "(its domain drifted: transfer recovers about half), or an unrelated model (the filter skips it)."),
+                                       "(its domain drifted: transfer recovers about half), a pruned copy with removed and renamed blocks "
+                                       "distilled from the source (set Match Modules' pairing to similarity), or an unrelated model "
+                                       "(the filter skips it)."),
                 io.Combo.Input("lora", options=list(LORAS), default="style", tooltip="style: yellow diagonal stripes; concept: a red ring (prompt 'red ring')."),
             ],
             outputs=[

@@ -81,3 +81,67 @@ def test_zoo_models_sample_in_comfyui(comfyui) -> None:
     assert len(styled.patches) == len([k for k in lora if k.endswith(".lora_down.weight")])  # every module applied
     imgs = ksample(styled, 1, 2, seed=0, steps=4, table=table)
     assert bool(torch.isfinite(imgs).all())
+
+
+def test_pruned_descendant_b_needs_similarity_pairing(nodes_by_id: dict, comfyui) -> None:
+    """Descendant B (zoo): pruned like SSD-1B, two blocks renumbered, distilled from the source.
+
+    Through the pack's own nodes: name pairing finds no target for the removed blocks and compares
+    the renumbered ones with the wrong weights (Φ near chance: filtered); similarity pairing sends
+    each renumbered block's LoRA update to its new name with Φ above the threshold, and ComfyUI's
+    LoRA loader applies the result to B with every key loaded."""
+    import logging
+
+    from comfy_extras.nodes_train import LoraModelLoader
+
+    def run(node_id: str, **kw):
+        return tuple(nodes_by_id[node_id].execute(**kw).args)
+
+    src, tgt, lora, _ = run("ProLoRADemoModels", target="descendant B, pruned + distilled", lora="style")
+    (bs,) = run("ProLoRAComputeBasis", model=src, clip=None, subspace_rank=0, device="cpu", use_cache=False)
+    (bt,) = run("ProLoRAComputeBasis", model=tgt, clip=None, subspace_rank=0, device="cpu", use_cache=False)
+    renumbered = {"output_blocks.1.1.transformer_blocks.0.": "output_blocks.1.1.transformer_blocks.1.",
+                  "output_blocks.0.1.transformer_blocks.0.": "output_blocks.1.1.transformer_blocks.0."}
+    removed = ("middle_block.1.", "output_blocks.0.1.")
+
+    by_name, _ = run("ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=lora, threshold=0.8, pairing="name")
+    rows = by_name.rows()
+    assert len(rows) == 84
+    lost = [r for r in rows if r["target"] is None]
+    # the mid-block transformer (12 modules) and output_blocks.0.1 (12) are gone from B
+    assert len(lost) == 24 and all(any(p in r["source"] for p in removed) for r in lost)
+    wrong = [r for r in rows if "output_blocks.1.1.transformer_blocks.0." in r["source"]]
+    assert len(wrong) == 10 and not any(r["passes"] for r in wrong)  # same name, another block's weights
+
+    by_sim, summary = run("ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=lora, threshold=0.8, pairing="similarity")
+    rows = {r["source"]: r for r in by_sim.rows()}
+    moved = {s: (r, s.replace(old, new)) for s, r in rows.items() for old, new in renumbered.items() if old in s}
+    assert len(moved) == 20  # attn1/attn2 q, k, v, out and ff in/out of both blocks
+    for s, (r, expected) in moved.items():
+        assert r["target"] == expected, (s, r["target"])
+        assert r["repaired"] and r["passes"] and min(r["phi_u"], r["phi_v"]) >= 0.8, r
+    kept = [r for s, r in rows.items() if s not in moved and not any(p in s for p in removed)]
+    assert len(kept) == 50 and all(r["target"] == r["source"] and r["passes"] for r in kept)
+    assert f"re-paired: {sum(r['repaired'] for r in rows.values())}" in summary
+
+    out, _ = run("ProLoRAProjectLoRA", lora=lora, match=by_sim, mode="prolora-full", out_rank=0, rescale_to_source_norm=False)
+    new_block = "output_blocks.1.1.transformer_blocks.1."
+    assert any(new_block in k for k in out)
+    before = {k: v.clone() for k, v in tgt.model.diffusion_model.state_dict().items()}
+    records: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    handler = Grab()
+    logging.getLogger().addHandler(handler)
+    try:
+        (patched,) = LoraModelLoader.execute(model=tgt, lora=out, strength_model=1.0).args
+        patched.patch_model()
+        after = {k: v.clone() for k, v in patched.model.diffusion_model.state_dict().items()}
+        patched.unpatch_model()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert not [m for m in records if "not loaded" in m], records
+    assert not torch.equal(after[new_block + "attn1.to_q.weight"], before[new_block + "attn1.to_q.weight"])
