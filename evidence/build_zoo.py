@@ -11,6 +11,8 @@ Models (``zoo/<name>.safetensors``, fp16, ``model.diffusion_model.`` keys, metad
 * ``descendant_a``  — ``source`` fine-tuned 600 steps on the ``shifted`` data (dark backgrounds, other palette).
 * ``descendant_a_near`` — a gentle relative: ``source`` fine-tuned 300 steps at lr 5e-4 on the ``mixed``
                       data (70 % ``base``, 30 % ``shifted``), so most of its domain is still the source's.
+* ``ladder_mid`` / ``ladder_far`` — rungs of the ladder beyond ``descendant_a``: its recipe (600 steps on
+                      the same ``shifted`` data stream) at lr 3e-3 / 8e-3 instead of 1e-3.
 * ``unrelated_c``   — same architecture, init seed 1, its own ``base`` data draw: no shared history.
 * ``descendant_b``  — a pruned copy of ``source`` (like SSD-1B from SDXL): the mid-block's
                       transformer and second res block are removed (``transformer_depth_middle`` −1,
@@ -42,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -89,15 +90,19 @@ class Recipe:
     # v3: descendant B (pruned + distilled)
     b_steps: int = 1000
     b_lr: float = 1e-3
+    # v4: two more rungs of the ladder, descendant A's recipe (600 steps on the shifted data, same
+    # data stream) at a larger learning rate, so the distance to the source grows step by step
+    ladder_mid_lr: float = 3e-3
+    ladder_far_lr: float = 8e-3
 
     def scaled(self, f: float) -> "Recipe":
         return Recipe(max(2, int(self.source_steps * f)), self.source_lr, max(2, int(self.a_steps * f)),
                       max(1, int(self.a_near_steps * f)), self.a_lr, max(2, int(self.lora_steps * f)), self.lora_lr,
                       max(2, int(self.style_lora_steps * f)), self.style_lora_lr, max(2, int(self.near_steps * f)), self.near_lr,
-                      max(2, int(self.b_steps * f)), self.b_lr)
+                      max(2, int(self.b_steps * f)), self.b_lr, self.ladder_mid_lr, self.ladder_far_lr)
 
 
-MODELS = ("source", "descendant_a_near", "descendant_a", "descendant_b", "unrelated_c")
+MODELS = ("source", "descendant_a_near", "descendant_a", "ladder_mid", "ladder_far", "descendant_b", "unrelated_c")
 
 #: Descendant B's architecture: the source's with SSD-1B-style pruning (see the module docstring).
 #: ``transformer_depth_output`` is popped from its END by ComfyUI's UNetModel: output_blocks.0 gets 2.
@@ -134,11 +139,17 @@ def round_fp16_(patcher) -> None:
 
 
 def train_full(patcher, family: str, steps: int, lr: float, data_seed: int, name: str,
-               checkpoints: dict[int, Path] | None = None, meta: dict[str, str] | None = None) -> list[float]:
-    """Train all UNet weights on ``family`` data (Adam, warm-up + cosine); returns the loss curve."""
+               checkpoints: dict[int, Path] | None = None, meta: dict[str, str] | None = None,
+               teacher=None) -> list[float]:
+    """Train all UNet weights on ``family`` data (Adam, warm-up + cosine); returns the loss curve.
+
+    With a ``teacher`` MODEL this is distillation: the loss adds the MSE to the teacher's
+    ε-prediction (the curve then holds that MSE)."""
     model = patcher.model
     dm = model.diffusion_model
     dm.train()
+    if teacher is not None:
+        teacher.model.diffusion_model.eval()
     opt = torch.optim.Adam(dm.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(data_seed + 1)
     table = D.conditioning_table()
@@ -150,14 +161,18 @@ def train_full(patcher, family: str, steps: int, lr: float, data_seed: int, name
         x0, ctx, _ = D.make_batch(family, BATCH, data_seed * 100_000 + step, table)
         sigma = sample_training_sigmas(model, BATCH, gen)
         noise = torch.randn(x0.shape, generator=gen)
-        loss = diffusion_loss(model, None, x0, _cond(ctx, gen, table), noise, sigma).mean()
+        if teacher is None:
+            loss = shown = diffusion_loss(model, None, x0, _cond(ctx, gen, table), noise, sigma).mean()
+        else:
+            loss, shown = _distillation_loss(model, teacher.model, x0, _cond(ctx, gen, table), noise, sigma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dm.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(float(shown.detach()))
         if (step + 1) % 100 == 0 or step + 1 == steps:
-            log(f"{name}: step {step + 1}/{steps} loss(avg100) {sum(losses[-100:]) / len(losses[-100:]):.4f} "
+            log(f"{name}: step {step + 1}/{steps} {'loss' if teacher is None else 'distillation MSE'}(avg100) "
+                f"{sum(losses[-100:]) / len(losses[-100:]):.4f} "
                 f"({(time.time() - t0) / (step + 1):.2f} s/step)")
         if checkpoints and (step + 1) in checkpoints:
             snap = {k: v.clone() for k, v in dm.state_dict().items()}
@@ -185,42 +200,15 @@ def pruned_init(source_state: dict[str, torch.Tensor], patcher) -> dict[str, str
     return origin
 
 
-def distill(student, teacher, steps: int, lr: float, data_seed: int, name: str) -> list[float]:
-    """Train all of ``student``'s weights to match ``teacher``'s ε-prediction (plus the diffusion loss)."""
-    model, tmodel = student.model, teacher.model
-    dm = model.diffusion_model
-    dm.train()
-    tmodel.diffusion_model.eval()
-    opt = torch.optim.Adam(dm.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(data_seed + 1)
-    table = D.conditioning_table()
-    losses = []
-    t0 = time.time()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, lr)
-        x0, ctx, _ = D.make_batch("base", BATCH, data_seed * 100_000 + step, table)
-        sigma = sample_training_sigmas(model, BATCH, gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        cond = _cond(ctx, gen, table)
-        x_t = x0 + sigma.view(-1, 1, 1, 1) * noise
-        with torch.no_grad():
-            teacher_eps = eps_prediction(tmodel, None, x_t, sigma, cond)
-        eps = eps_prediction(model, None, x_t, sigma, cond)
-        kd = (eps - teacher_eps).square().mean()
-        task = (eps - noise).square().mean()
-        loss = kd + task
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(dm.parameters(), 1.0)
-        opt.step()
-        losses.append(float(kd.detach()))
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            log(f"{name}: step {step + 1}/{steps} distillation MSE(avg100) {sum(losses[-100:]) / len(losses[-100:]):.4f} "
-                f"task {float(task.detach()):.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)")
-    dm.eval()
-    round_fp16_(student)
-    return losses
+def _distillation_loss(model, teacher, x0, cond, noise, sigma) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher ε-prediction MSE + diffusion loss, the MSE alone) at x_t = x0 + σ·ε."""
+    x_t = x0 + sigma.view(-1, 1, 1, 1) * noise
+    with torch.no_grad():
+        teacher_eps = eps_prediction(teacher, None, x_t, sigma, cond)
+    eps = eps_prediction(model, None, x_t, sigma, cond)
+    kd = (eps - teacher_eps).square().mean()
+    task = (eps - noise).square().mean()
+    return kd + task, kd
 
 
 def train_lora(patcher, family: str, steps: int, lr: float, name: str) -> tuple[dict[str, torch.Tensor], list[float]]:
@@ -280,6 +268,11 @@ def job(name: str, out: str, recipe_json: str) -> tuple[str, float]:
         p = load_zoo_model(out_dir / "source.safetensors")
         train_full(p, "shifted", recipe.a_steps, recipe.a_lr, data_seed=3, name=name)
         save_zoo_model(p, out_dir / "descendant_a.safetensors", _meta(name, recipe, **{"prolora.zoo.data": "shifted", "prolora.zoo.parent": "source"}))
+    elif name in ("ladder_mid", "ladder_far"):
+        p = load_zoo_model(out_dir / "source.safetensors")
+        lr = recipe.ladder_mid_lr if name == "ladder_mid" else recipe.ladder_far_lr
+        train_full(p, "shifted", recipe.a_steps, lr, data_seed=3, name=name)  # descendant_a's data stream
+        save_zoo_model(p, out_dir / f"{name}.safetensors", _meta(name, recipe, **{"prolora.zoo.data": "shifted", "prolora.zoo.parent": "source"}))
     elif name == "descendant_a_near":
         p = load_zoo_model(out_dir / "source.safetensors")
         train_full(p, "mixed", recipe.near_steps, recipe.near_lr, data_seed=4, name=name)
@@ -291,7 +284,7 @@ def job(name: str, out: str, recipe_json: str) -> tuple[str, float]:
         renamed = sorted({k.rsplit(".", 1)[0] for k, s in origin.items() if k != s})
         log(f"{name}: {sum(v.numel() for v in p.model.diffusion_model.parameters())} parameters, "
             f"{len(renamed)} renamed modules from the source")
-        distill(p, teacher, recipe.b_steps, recipe.b_lr, data_seed=6, name=name)
+        train_full(p, "base", recipe.b_steps, recipe.b_lr, data_seed=6, name=name, teacher=teacher)
         save_zoo_model(p, out_dir / "descendant_b.safetensors", _meta(name, recipe, **{
             "prolora.zoo.data": "base", "prolora.zoo.parent": "source",
             "prolora.zoo.renamed_from": json.dumps(B_FROM_SOURCE)}))
@@ -425,8 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     rj = json.dumps(recipe.__dict__)
     save_conditioning(args.out)
     stages = [["source", "unrelated_c"],
-              ["descendant_a", "descendant_a_near", "descendant_b"] + [f"lora_{l}_{m}" for m in ("source", "unrelated_c") for l in LORAS],
-              [f"lora_{l}_{m}" for m in ("descendant_a", "descendant_a_near", "descendant_b") for l in LORAS]]
+              ["descendant_a", "descendant_a_near", "descendant_b", "ladder_mid", "ladder_far"]
+              + [f"lora_{l}_{m}" for m in ("source", "unrelated_c") for l in LORAS],
+              [f"lora_{l}_{m}" for m in ("descendant_a", "descendant_a_near", "descendant_b", "ladder_mid", "ladder_far") for l in LORAS]]
     wanted = set(args.only) if args.only else None
     t_all = time.time()
     ctx = mp.get_context("spawn")

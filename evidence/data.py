@@ -26,7 +26,6 @@ from a fixed seed (no CLIP); class ``NULL`` is the empty prompt used for CFG / c
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

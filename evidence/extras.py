@@ -5,7 +5,7 @@
     nice -n 5 .venv/bin/python -m evidence.extras ranks                                # gap closed vs LoRA rank (~5 min)
     .venv/bin/python -m evidence.extras report                                         # (re)append the sections
 
-1. ``ladder``  — source → near / A / B / C: relative weight change of the touched modules, Φ (min of the
+1. ``ladder``  — source → near / B / A / the rungs ``ladder_mid`` and ``ladder_far`` / C: relative weight change of the touched modules, Φ (min of the
    U/V subspace similarities the engine computes) at the default k against its chance level k/d,
    and the gap closed by ``prolora-full`` (read from ``evidence/results.json``).
 2. ``spectra`` — singular values of trained source weights against the same weights at their
@@ -52,7 +52,7 @@ from .models import build_model, load_zoo_model, unet_state  # noqa: E402
 from .protocol import PAIRING, Evaluator, Zoo, delta_stats, gap, log, mean, mstd  # noqa: E402
 
 MARKER = "<!-- evidence.extras: sections below are appended by `python -m evidence.extras report` -->"
-LADDER_TARGETS = ("descendant_a_near", "descendant_a", "descendant_b", "unrelated_c")
+LADDER_TARGETS = ("descendant_a_near", "descendant_b", "descendant_a", "ladder_mid", "ladder_far", "unrelated_c")
 #: Two-hop routes (intermediate, final): the paper's open question 1.
 TWOHOP_ROUTES = (("descendant_a_near", "descendant_a"), ("descendant_a", "descendant_b"))
 
@@ -541,19 +541,25 @@ rank-r LoRA trained on the target = 1. Plot: `evidence/gap_vs_lora_rank.png`.
 }
 COMMENTS: dict[str, str] = {  # the reading of the shipped numbers (same machine → same numbers, see evidence/README.md)
     "ladder": """
-**Reading.** The ladder has three rungs, and most of the transfer is lost between the first two
-while Φ barely moves: on `descendant_a_near` (4.8 % weight change, median Φ 0.997) `prolora-full`
-closes ≈ 0.90 of the loss gap; on `descendant_a` (11.9 % change, median Φ 0.971, min 0.81, so every
-module still passes 0.8) it closes 0.14 / 0.07 (style / concept) of the loss gap and 0.41 / 0.48 in
-the target's domain, close to Copy on the loss (0.15 / 0.08) and below it in domain (0.52 / 0.51).
-Φ at the default k tells related from unrelated (C: 141 % change, a different init, median Φ 0.23 ≈
-the chance level 0.25, all 84 modules filtered) but does not predict how much of the LoRA's effect
-survives among relatives: A's Φ is almost that of near. A threshold of 0.9 drops 9 of A's modules
-(threshold sweep above) and only loses in-domain gain. The zoo has no rung between 12 % and 141 %
-change, so where in between Φ falls through 0.8 is not measured here. The pruned B (9.2 % change on
-the 70 modules it kept, compared with the source weights they came from) sits between near and A
-by weight change and Φ (median 0.985; ≥ 0.84 on every module moved, including the 20 re-paired
-ones); its Φ minimum (0.03) is a removed module's best same-shape stranger, which the filter skips.
+**Reading.** Most of the transfer is lost between the first two fine-tuned rungs while Φ barely
+moves: on `descendant_a_near` (4.8 % weight change, median Φ 0.997) `prolora-full` closes ≈ 0.90 of
+the loss gap; on `descendant_a` (11.9 %, median Φ 0.971, min 0.81, so every module still passes 0.8)
+it closes 0.14 / 0.07 (style / concept) of the loss gap and 0.41 / 0.48 in the target's domain,
+close to Copy on the loss (0.15 / 0.08) and below it in domain (0.52 / 0.51). Beyond A nothing
+carries over: at 24 % change (`ladder_mid`, A's recipe at 3× the learning rate; median Φ 0.90, 74
+of 84 modules pass) Copy and `prolora-full` close −0.02 to 0.04 of the loss gap, and in domain Copy
+0.13 / 0.38, `prolora-full` 0.04 / 0.28; at 52 % (`ladder_far`, 8×; median Φ 0.74, 21 of 84 pass)
+about 0 on the loss and ≤ 0.11 in domain. So Φ at the default k falls through the 0.8 threshold
+between 24 % and 52 % change — after the transfer has stopped working, not where it stops: the
+filter guards against strangers (C: 141 % change, a different init, median Φ 0.23 ≈ the chance
+level 0.25, all 84 modules filtered; Copy harms it) but does not predict how much of a LoRA's
+effect survives among relatives. On the far rungs the few modules that pass cost `prolora-full`
+up to 2 % of loss on the LoRA's data (gap −0.02; Copy ±0.00), within the no-LoRA level in domain.
+A threshold of 0.9 drops 9 of A's modules (threshold sweep above) and only loses in-domain gain.
+The pruned B (9.2 % change on the 70 modules it kept, compared with the source weights they came
+from) sits between near and A by weight change and Φ (median 0.985; ≥ 0.84 on every module moved,
+including the 20 re-paired ones); its Φ minimum (0.03) is a removed module's best same-shape
+stranger, which the filter skips.
 """,
     "spectra": """
 **Reading.** The models learned (losses fell, the samples show shapes, colours, stripes and rings),

@@ -3,7 +3,8 @@
     cd <repo> && nice -n 5 .venv/bin/python -m evidence.protocol           # full: tables, sweeps, plots → evidence/
     .venv/bin/python -m evidence.protocol --quick                          # CI smoke (shipped zoo, 1 seed, seconds)
 
-For every target (``descendant_a_near``, ``descendant_a``, ``descendant_b``, ``unrelated_c``) and
+For every target (``descendant_a_near``, ``descendant_a``, the ladder rungs ``ladder_mid`` and
+``ladder_far``, ``descendant_b``, ``unrelated_c``) and
 LoRA (``style``, ``concept``) the methods are: No LoRA, Copy, Subspace-only, ProLoRA (Eq. 3, mode
 ``prolora``), ProLoRA with cross terms (``prolora-full``), and the LoRA trained on the target itself.
 Every transfer goes through the engine (``prolora_core.transfer`` on ``SafetensorsWeights`` of the
@@ -64,7 +65,7 @@ from .build_zoo import ksample, load_conditioning, save_grid, with_lora  # noqa:
 from .lora_utils import deltas_from_kohya, merged_params  # noqa: E402
 from .models import diffusion_loss, load_zoo_model, sample_training_sigmas, unet_state  # noqa: E402
 
-TARGETS = ("descendant_a_near", "descendant_a", "descendant_b", "unrelated_c")
+TARGETS = ("descendant_a_near", "descendant_a", "ladder_mid", "ladder_far", "descendant_b", "unrelated_c")
 LORAS = ("style", "concept")
 METHODS = ("no LoRA", "copy", "subspace", "prolora", "prolora-full", "trained")
 ENGINE_MODES = {"copy": "copy", "subspace": "subspace", "prolora": "prolora", "prolora-full": "prolora-full"}
@@ -464,6 +465,9 @@ def run(args) -> str:
 
 def write_report(args, rows: list[dict], sweep_rows: list[dict], t0: float, seeds_n: int) -> str:
     out = args.out
+    order = {name: i for i, name in enumerate(LORAS + TARGETS)}  # merged runs: LoRA, then target order
+    rows = sorted(rows, key=lambda r: (order.get(r["lora"], 99), order.get(r["target"], 99)))
+    sweep_rows = sorted(sweep_rows, key=lambda r: (order.get(r["lora"], 99), order.get(r["target"], 99)))
     seeds = list(range(seeds_n))
     if out is not None:  # raw numbers first, so a formatting error loses nothing
         (out / ("results_quick.json" if args.quick else "results.json")).write_text(json.dumps({"main": rows, "sweep": sweep_rows}, indent=1))

@@ -13,7 +13,6 @@ the host is missing; every helper then fails with a message that says to run
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import os
@@ -143,7 +142,8 @@ def init_parameters_(module: torch.nn.Module, seed: int) -> None:
 
 
 def build_model(kind: str, unet_config: dict[str, Any], seed: int) -> ModelPatcher:
-    """Build a ComfyUI ``MODEL`` of ``kind`` ("SD15" or "SDXL") from a full ``unet_config``.
+    """Build a ComfyUI ``MODEL`` of ``kind`` ("SD15" or "SDXL") from a full ``unet_config``:
+    the zoo's own builder (``evidence.models.build_model``, imported lazily as above).
 
     The config actually used (with the model class's extra keys such as num_heads) stays
     available as ``patcher.model.model_config.unet_config``; passing it back here rebuilds
@@ -151,16 +151,10 @@ def build_model(kind: str, unet_config: dict[str, Any], seed: int) -> ModelPatch
     """
     require_comfyui()
     import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
+    from evidence.models import build_model as zoo_build
 
-    model_config_cls = {"SD15": comfy.supported_models.SD15, "SDXL": comfy.supported_models.SDXL}[kind]
-    model_config = model_config_cls(copy.deepcopy(unet_config))
-    model = model_config.get_model({})
-    init_parameters_(model, seed)
-    cpu = torch.device("cpu")
-    assert comfy.model_management.get_torch_device() == cpu, "ComfyUI is not in CPU mode (args.cpu not set early enough?)"
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    assert comfy.model_management.get_torch_device() == torch.device("cpu"), "ComfyUI is not in CPU mode (args.cpu not set early enough?)"
+    return zoo_build(unet_config, seed=seed, kind=kind)
 
 
 def tiny_sd15_model(seed: int = 0) -> ModelPatcher:
@@ -273,19 +267,11 @@ def save_model_state(patcher: ModelPatcher, path: Path, *, prefix: str = "model.
 
 
 def load_model_state(path: Path) -> ModelPatcher:
-    """Rebuild a model written by :func:`save_model_state` (architecture from its metadata)."""
-    import safetensors
+    """Rebuild a model written by :func:`save_model_state` (architecture from its metadata):
+    ``evidence.models.load_zoo_model``, which reads the same metadata scheme."""
+    from evidence.models import load_zoo_model
 
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        prefix = meta["prolora.key_prefix"]
-        state = {"diffusion_model." + k[len(prefix):]: f.get_tensor(k) for k in f.keys()}
-    patcher = build_model(meta["prolora.model_kind"], json.loads(meta["prolora.unet_config"]), seed=0)
-    missing, unexpected = patcher.model.load_state_dict(state, strict=False)
-    bad_missing = [k for k in missing if k.startswith("diffusion_model.")]
-    if bad_missing or unexpected:
-        raise ValueError(f"{path}: missing {bad_missing[:5]}, unexpected {unexpected[:5]}")
-    return patcher
+    return load_zoo_model(path)
 
 
 # --------------------------------------------------------------------------------------
