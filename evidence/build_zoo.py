@@ -1,6 +1,6 @@
 """Build the zoo: tiny SD1.5-shaped UNets and LoRAs, trained with ComfyUI's own model.
 
-    cd <repo> && nice -n 5 .venv/bin/python -m evidence.build_zoo            # everything (~25–35 min, 2 cores)
+    cd <repo> && nice -n 5 .venv/bin/python -m evidence.build_zoo            # everything (~30–35 min, 2 cores)
     .venv/bin/python -m evidence.build_zoo --only lora_style_source --out /tmp/z   # rebuild one artifact elsewhere
     .venv/bin/python -m evidence.build_zoo --check-samples                    # KSampler samples of the shipped zoo
 
@@ -36,7 +36,8 @@ Training is in ComfyUI's k-diffusion parametrisation on the model's own ``model_
 is trained on it later (descendants, LoRAs) sees exactly the shipped weights.
 
 Determinism: every job runs single-threaded with fixed seeds; on the same machine and torch build
-a rebuild gives bit-identical files (checked for ``lora_style_source``, see evidence/README.md).
+a rebuild gives bit-identical tensors (a from-scratch rebuild reproduced every shipped tensor, see
+evidence/README.md).
 Across torch builds / CPUs the float summation order may differ, and training amplifies that: expect
 the same evidence (tables within their seed spread), not the same bytes.
 """
