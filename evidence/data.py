@@ -189,6 +189,20 @@ def ring_score(img: torch.Tensor) -> torch.Tensor:
     return (red * ring).sum((1, 2)) / ring.sum() - (red * centre).sum((1, 2)) / centre.sum()
 
 
+def features(img: torch.Tensor) -> torch.Tensor:
+    """Per-image feature vector for sample distances: the mean colour (3 values) and the normalised
+    2-D power spectrum of the mean-removed image summed over channels (SIZE² values, shift-invariant:
+    texture such as the stripes, blob size, edges). Complements the shift-sensitive pixel MSE."""
+    x = img - img.mean(dim=(2, 3), keepdim=True)
+    f = torch.fft.fft2(x).abs().square().sum(1).flatten(1)
+    return torch.cat([img.mean(dim=(2, 3)), f / f.sum(1, keepdim=True).clamp_min(1e-8)], dim=1)
+
+
+def feature_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean L2 distance between the :func:`features` of paired images (same seeds)."""
+    return float((features(a) - features(b)).norm(dim=1).mean())
+
+
 def background_brightness(img: torch.Tensor) -> torch.Tensor:
     """Mean brightness of the border pixels (source domain ≈0.75, descendant A's domain ≈0.2)."""
     border = torch.ones(SIZE, SIZE, dtype=torch.bool)
