@@ -175,6 +175,43 @@ def several_loras() -> Graph:
     return g
 
 
+def pruned_target() -> Graph:
+    """(d) The concept LoRA moved to the zoo's pruned descendant B (like SSD-1B: blocks removed and
+    renumbered), paired by similarity and by name: source + LoRA | B | B + ProLoRA (similarity) |
+    B + ProLoRA (name) | B + copy | B + trained."""
+    g = Graph("prolora_pruned_target", "Transfer a demo LoRA to a pruned, renumbered target: similarity pairing against name pairing "
+              "and copy (runs as shipped).")
+    cond = g.add("ProLoRADemoConditioning", prompt="red ring")
+    latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=4)
+    demo = g.add("ProLoRADemoModels", target="descendant B, pruned + distilled", lora="concept")
+    b_src = g.add("ProLoRAComputeBasis", model=demo[0], subspace_rank=0, device="auto", use_cache=True, name="zoo source")
+    b_tgt = g.add("ProLoRAComputeBasis", model=demo[1], subspace_rank=0, device="auto", use_cache=True, name="zoo pruned descendant B")
+    by_sim = g.add("ProLoRAMatchModules", title="Match Modules: by similarity", source_basis=b_src[0], target_basis=b_tgt[0], lora=demo[2],
+                   threshold=0.8, pairing="similarity")
+    by_name = g.add("ProLoRAMatchModules", title="Match Modules: by name", source_basis=b_src[0], target_basis=b_tgt[0], lora=demo[2],
+                    threshold=0.8, pairing="name")
+    proj_sim = g.add("ProLoRAProjectLoRA", title="Project LoRA: similarity pairing", lora=demo[2], match=by_sim[0], mode="prolora-full",
+                     out_rank=0, rescale_to_source_norm=False)
+    proj_name = g.add("ProLoRAProjectLoRA", title="Project LoRA: name pairing", lora=demo[2], match=by_name[0], mode="prolora-full",
+                      out_rank=0, rescale_to_source_norm=False)
+    copy = g.add("ProLoRAProjectLoRA", title="Project LoRA: copy (baseline)", lora=demo[2], match=by_name[0], mode="copy", out_rank=0,
+                 rescale_to_source_norm=False)
+    branches = [
+        ("source + LoRA", g.add("LoraModelLoader", model=demo[0], lora=demo[2], strength_model=1.0)[0]),
+        ("B, no LoRA", demo[1]),
+        ("B + ProLoRA (sim.)", g.add("LoraModelLoader", model=demo[1], lora=proj_sim[0], strength_model=1.0)[0]),
+        ("B + ProLoRA (name)", g.add("LoraModelLoader", model=demo[1], lora=proj_name[0], strength_model=1.0)[0]),
+        ("B + copy", g.add("LoraModelLoader", model=demo[1], lora=copy[0], strength_model=1.0)[0]),
+        ("B + trained", g.add("LoraModelLoader", model=demo[1], lora=demo[3], strength_model=1.0)[0]),
+    ]
+    images = [_sample(g, model, cond, latent, label) for label, model in branches]
+    grid = g.add("ProLoRACompare", **{f"image_{i + 1}": img[0] for i, img in enumerate(images)}, labels="\n".join(lbl for lbl, _ in branches))
+    g.add("SaveImage", title="Save grid", images=grid[0], filename_prefix="prolora_pruned/grid")
+    report = g.add("ProLoRAReportImage", match=by_sim[0], lora=demo[2], mode="prolora-full")
+    g.add("SaveImage", title="Save report", images=report[0], filename_prefix="prolora_pruned/report")
+    return g
+
+
 #: The real-checkpoint example's file names, as shipped (users pick theirs in the loader nodes).
 REAL_SOURCE, REAL_TARGET, REAL_LORA = "sd_xl_base_1.0.safetensors", "ssd-1b.safetensors", "my_sdxl_lora.safetensors"
 
@@ -201,7 +238,7 @@ def real_checkpoints(source: str = REAL_SOURCE, target: str = REAL_TARGET, lora:
     return g
 
 
-RUNNABLE = {"prolora_side_by_side": side_by_side, "prolora_several_loras": several_loras}
+RUNNABLE = {"prolora_side_by_side": side_by_side, "prolora_several_loras": several_loras, "prolora_pruned_target": pruned_target}
 ALL = {**RUNNABLE, "prolora_real_checkpoints": real_checkpoints}
 
 
