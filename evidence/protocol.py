@@ -434,11 +434,13 @@ def goals(rows: list[dict]) -> str:
                             out.append(f"| {lora} | {target} | {mode} in-domain gap > {other} | {ig:.3f} vs {io:.3f} | {'yes' if ig > io else 'no'} |")
             else:
                 base = get(lora, target, "no LoRA", "loss")
+                what = "no goal in the issue (ladder rung); no harm: " if target.startswith("ladder") else ""
                 for mode in ("prolora", "prolora-full"):
                     r = next(r for r in rows if r["lora"] == lora and r["target"] == target and r["method"] == mode)
                     lm = mean(r["loss"])
                     ok = r["moved"].startswith("0/") or lm <= base * 1.001
-                    out.append(f"| {lora} | {target} | {mode}: filtered (moved {r['moved']}) or loss ≤ no LoRA | {lm:.4f} vs {base:.4f} | {'yes' if ok else 'no'} |")
+                    out.append(f"| {lora} | {target} | {what}{mode}: filtered (moved {r['moved']}) or loss ≤ no LoRA | {lm:.4f} vs {base:.4f} "
+                               f"| {'yes' if ok else 'no'} |")
     return "\n".join(out)
 
 
