@@ -13,6 +13,9 @@ Models (``zoo/<name>.safetensors``, fp16, ``model.diffusion_model.`` keys, metad
                       data (70 % ``base``, 30 % ``shifted``), so most of its domain is still the source's.
 * ``ladder_mid`` / ``ladder_far`` — rungs of the ladder beyond ``descendant_a``: its recipe (600 steps on
                       the same ``shifted`` data stream) at lr 3e-3 / 8e-3 instead of 1e-3.
+* ``sibling_c``     — the source's init (seed 0) trained like C (C's data stream): no shared
+                      training with the source, only the shared initialisation — the control for
+                      how much of Φ the init alone explains.
 * ``unrelated_c``   — same architecture, init seed 1, its own ``base`` data draw: no shared history.
 * ``descendant_b``  — a pruned copy of ``source`` (like SSD-1B from SDXL): the mid-block's
                       transformer and second res block are removed (``transformer_depth_middle`` −1,
@@ -103,7 +106,7 @@ class Recipe:
                       max(2, int(self.b_steps * f)), self.b_lr, self.ladder_mid_lr, self.ladder_far_lr)
 
 
-MODELS = ("source", "descendant_a_near", "descendant_a", "ladder_mid", "ladder_far", "descendant_b", "unrelated_c")
+MODELS = ("source", "descendant_a_near", "descendant_a", "ladder_mid", "ladder_far", "descendant_b", "unrelated_c", "sibling_c")
 
 #: Descendant B's architecture: the source's with SSD-1B-style pruning (see the module docstring).
 #: ``transformer_depth_output`` is popped from its END by ComfyUI's UNetModel: output_blocks.0 gets 2.
@@ -261,6 +264,10 @@ def job(name: str, out: str, recipe_json: str) -> tuple[str, float]:
         p = build_model(SD15_UNET_CONFIG, seed=0)
         train_full(p, "base", recipe.source_steps, recipe.source_lr, data_seed=1, name=name)
         save_zoo_model(p, out_dir / "source.safetensors", _meta(name, recipe, **{"prolora.zoo.data": "base", "prolora.zoo.init_seed": "0"}))
+    elif name == "sibling_c":  # the source's init, C's data stream: what a shared init alone gives Φ
+        p = build_model(SD15_UNET_CONFIG, seed=0)
+        train_full(p, "base", recipe.source_steps, recipe.source_lr, data_seed=2, name=name)
+        save_zoo_model(p, out_dir / "sibling_c.safetensors", _meta(name, recipe, **{"prolora.zoo.data": "base", "prolora.zoo.init_seed": "0"}))
     elif name == "unrelated_c":
         p = build_model(SD15_UNET_CONFIG, seed=1)
         train_full(p, "base", recipe.source_steps, recipe.source_lr, data_seed=2, name=name)
@@ -418,10 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     recipe = Recipe().scaled(args.scale) if args.scale != 1.0 else Recipe()
     rj = json.dumps(recipe.__dict__)
     save_conditioning(args.out)
-    stages = [["source", "unrelated_c"],
+    stages = [["source", "unrelated_c", "sibling_c"],
               ["descendant_a", "descendant_a_near", "descendant_b", "ladder_mid", "ladder_far"]
               + [f"lora_{l}_{m}" for m in ("source", "unrelated_c") for l in LORAS],
-              [f"lora_{l}_{m}" for m in ("descendant_a", "descendant_a_near", "descendant_b", "ladder_mid", "ladder_far") for l in LORAS]]
+              [f"lora_{l}_{m}" for m in ("descendant_a", "descendant_a_near", "descendant_b", "ladder_mid", "ladder_far", "sibling_c")
+               for l in LORAS]]
     wanted = set(args.only) if args.only else None
     t_all = time.time()
     ctx = mp.get_context("spawn")

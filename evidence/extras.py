@@ -5,7 +5,7 @@
     nice -n 5 .venv/bin/python -m evidence.extras ranks                                # gap closed vs LoRA rank (~5 min)
     .venv/bin/python -m evidence.extras report                                         # (re)append the sections
 
-1. ``ladder``  — source → near / B / A / the rungs ``ladder_mid`` and ``ladder_far`` / C: relative weight change of the touched modules, Φ (min of the
+1. ``ladder``  — source → near / B / A / the rungs ``ladder_mid`` and ``ladder_far`` / C / ``sibling_c``: relative weight change of the touched modules, Φ (min of the
    U/V subspace similarities the engine computes) at the default k against its chance level k/d,
    and the gap closed by ``prolora-full`` (read from ``evidence/results.json``).
 2. ``spectra`` — singular values of trained source weights against the same weights at their
@@ -52,7 +52,7 @@ from .models import build_model, load_zoo_model, unet_state  # noqa: E402
 from .protocol import PAIRING, Evaluator, Zoo, delta_stats, gap, log, mean, mstd  # noqa: E402
 
 MARKER = "<!-- evidence.extras: sections below are appended by `python -m evidence.extras report` -->"
-LADDER_TARGETS = ("descendant_a_near", "descendant_b", "descendant_a", "ladder_mid", "ladder_far", "unrelated_c")
+LADDER_TARGETS = ("descendant_a_near", "descendant_b", "descendant_a", "ladder_mid", "ladder_far", "unrelated_c", "sibling_c")
 #: Two-hop routes (intermediate, final): the paper's open question 1.
 TWOHOP_ROUTES = (("descendant_a_near", "descendant_a"), ("descendant_a", "descendant_b"))
 
@@ -559,7 +559,14 @@ A threshold of 0.9 drops 9 of A's modules (threshold sweep above) and only loses
 The pruned B (9.2 % change on the 70 modules it kept, compared with the source weights they came
 from) sits between near and A by weight change and Φ (median 0.985; ≥ 0.84 on every module moved,
 including the 20 re-paired ones); its Φ minimum (0.03) is a removed module's best same-shape
-stranger, which the filter skips.
+stranger, which the filter skips. **`sibling_c`** — the source's init trained like C, so it shares
+only the initialisation with the source — has 18.8 % weight change, median Φ 0.943 and 79 of 84
+modules passing 0.8: at these k, Φ mostly measures the shared initialisation (the spectra section
+below shows why). What passes then transfers only in part: concept 0.61 / 0.50 (Copy 0.62 / 0.55),
+style −0.06 / 0.19 (Copy 0.05 / 0.34), i.e. a small loss harm on the style LoRA's data that the
+filter does not prevent. Φ separates "shares weights with the source" from "does not", which for
+real checkpoints (descendants share far more than an init) is the distinction that matters, but
+it is not a certificate that a transfer will help.
 """,
     "spectra": """
 **Reading.** The models learned (losses fell, the samples show shapes, colours, stripes and rings),

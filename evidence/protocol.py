@@ -4,7 +4,8 @@
     .venv/bin/python -m evidence.protocol --quick                          # CI smoke (shipped zoo, 1 seed, seconds)
 
 For every target (``descendant_a_near``, ``descendant_a``, the ladder rungs ``ladder_mid`` and
-``ladder_far``, ``descendant_b``, ``unrelated_c``) and
+``ladder_far``, ``descendant_b``, ``unrelated_c``, and ``sibling_c``: the source's init, trained
+like C) and
 LoRA (``style``, ``concept``) the methods are: No LoRA, Copy, Subspace-only, ProLoRA (Eq. 3, mode
 ``prolora``), ProLoRA with cross terms (``prolora-full``), and the LoRA trained on the target itself.
 Every transfer goes through the engine (``prolora_core.transfer`` on ``SafetensorsWeights`` of the
@@ -67,7 +68,7 @@ from .build_zoo import ksample, load_conditioning, save_grid, with_lora  # noqa:
 from .lora_utils import deltas_from_kohya, merged_params  # noqa: E402
 from .models import diffusion_loss, load_zoo_model, sample_training_sigmas, unet_state  # noqa: E402
 
-TARGETS = ("descendant_a_near", "descendant_a", "ladder_mid", "ladder_far", "descendant_b", "unrelated_c")
+TARGETS = ("descendant_a_near", "descendant_a", "ladder_mid", "ladder_far", "descendant_b", "unrelated_c", "sibling_c")
 LORAS = ("style", "concept")
 METHODS = ("no LoRA", "copy", "subspace", "prolora", "prolora-full", "trained")
 ENGINE_MODES = {"copy": "copy", "subspace": "subspace", "prolora": "prolora", "prolora-full": "prolora-full"}
@@ -434,7 +435,8 @@ def goals(rows: list[dict]) -> str:
                             out.append(f"| {lora} | {target} | {mode} in-domain gap > {other} | {ig:.3f} vs {io:.3f} | {'yes' if ig > io else 'no'} |")
             else:
                 base = get(lora, target, "no LoRA", "loss")
-                what = "no goal in the issue (ladder rung); no harm: " if target.startswith("ladder") else ""
+                what = ("no goal in the issue (ladder rung); no harm: " if target.startswith("ladder")
+                        else "no goal in the issue (shared init only); no harm: " if target == "sibling_c" else "")
                 for mode in ("prolora", "prolora-full"):
                     r = next(r for r in rows if r["lora"] == lora and r["target"] == target and r["method"] == mode)
                     lm = mean(r["loss"])
