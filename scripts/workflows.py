@@ -111,6 +111,21 @@ def _sample(g: Graph, model: Any, cond: Node, latent: Node, label: str) -> Node:
     return g.add("ProLoRADemoDecode", samples=ks[0], scale=16)
 
 
+def _apply(g: Graph, model: Any, lora: Any) -> Any:
+    """A ``MODEL`` output: ``model`` with ``lora`` applied at strength 1 by ComfyUI's own LoraModelLoader."""
+    return g.add("LoraModelLoader", model=model, lora=lora, strength_model=1.0)[0]
+
+
+def _compare_and_report(g: Graph, branches: list[tuple[str, Any]], cond: Node, latent: Node, match: Node, lora: Any, prefix: str) -> None:
+    """Sample every (label, model) branch from the same seed, save the labelled Compare grid and the
+    Match Report picture under ``output/<prefix>/``."""
+    images = [_sample(g, model, cond, latent, label) for label, model in branches]
+    grid = g.add("ProLoRACompare", **{f"image_{i + 1}": img[0] for i, img in enumerate(images)}, labels="\n".join(lbl for lbl, _ in branches))
+    g.add("SaveImage", title="Save grid", images=grid[0], filename_prefix=f"{prefix}/grid")
+    report = g.add("ProLoRAReportImage", match=match[0], lora=lora, mode="prolora-full")
+    g.add("SaveImage", title="Save report", images=report[0], filename_prefix=f"{prefix}/report")
+
+
 def side_by_side() -> Graph:
     """(a) The style LoRA of the zoo's source moved to its gently fine-tuned descendant, next to the
     alternatives: source + LoRA | target | target + ProLoRA | target + copied LoRA | target +
@@ -132,18 +147,14 @@ def side_by_side() -> Graph:
     proj_unrel = g.add("ProLoRAProjectLoRA", title="Project LoRA: unrelated", lora=demo[2], match=match_unrel[0], mode="prolora-full",
                        out_rank=0, rescale_to_source_norm=False)
     branches = [
-        ("source + LoRA", g.add("LoraModelLoader", model=demo[0], lora=demo[2], strength_model=1.0)[0]),
+        ("source + LoRA", _apply(g, demo[0], demo[2])),
         ("target, no LoRA", demo[1]),
-        ("target + ProLoRA", g.add("LoraModelLoader", model=demo[1], lora=proj[0], strength_model=1.0)[0]),
-        ("target + copy", g.add("LoraModelLoader", model=demo[1], lora=copy[0], strength_model=1.0)[0]),
-        ("target + trained", g.add("LoraModelLoader", model=demo[1], lora=demo[3], strength_model=1.0)[0]),
-        ("unrelated + ProLoRA", g.add("LoraModelLoader", model=other[1], lora=proj_unrel[0], strength_model=1.0)[0]),
+        ("target + ProLoRA", _apply(g, demo[1], proj[0])),
+        ("target + copy", _apply(g, demo[1], copy[0])),
+        ("target + trained", _apply(g, demo[1], demo[3])),
+        ("unrelated + ProLoRA", _apply(g, other[1], proj_unrel[0])),
     ]
-    images = [_sample(g, model, cond, latent, label) for label, model in branches]
-    grid = g.add("ProLoRACompare", **{f"image_{i + 1}": img[0] for i, img in enumerate(images)}, labels="\n".join(lbl for lbl, _ in branches))
-    g.add("SaveImage", title="Save grid", images=grid[0], filename_prefix="prolora_demo/grid")
-    report = g.add("ProLoRAReportImage", match=match[0], lora=demo[2], mode="prolora-full")
-    g.add("SaveImage", title="Save report", images=report[0], filename_prefix="prolora_demo/report")
+    _compare_and_report(g, branches, cond, latent, match, demo[2], "prolora_demo")
     return g
 
 
@@ -166,8 +177,7 @@ def several_loras() -> Graph:
                      rescale_to_source_norm=False)
         g.add("ProLoRASaveLoRA", title=f"Save LoRA: {name}", lora=proj[0], filename=f"prolora/zoo_{name}_to_gentle_descendant", key_format="as input",
               overwrite=True)
-        for label, model in ((f"{name}: target", demo[1]), (f"{name}: target + ProLoRA", g.add("LoraModelLoader", model=demo[1], lora=proj[0],
-                                                                                                 strength_model=1.0)[0])):
+        for label, model in ((f"{name}: target", demo[1]), (f"{name}: target + ProLoRA", _apply(g, demo[1], proj[0]))):
             images.append(_sample(g, model, cond, latent, label))
             labels.append(label)
     grid = g.add("ProLoRACompare", **{f"image_{i + 1}": img[0] for i, img in enumerate(images)}, labels="\n".join(labels))
@@ -197,18 +207,14 @@ def pruned_target() -> Graph:
     copy = g.add("ProLoRAProjectLoRA", title="Project LoRA: copy (baseline)", lora=demo[2], match=by_name[0], mode="copy", out_rank=0,
                  rescale_to_source_norm=False)
     branches = [
-        ("source + LoRA", g.add("LoraModelLoader", model=demo[0], lora=demo[2], strength_model=1.0)[0]),
+        ("source + LoRA", _apply(g, demo[0], demo[2])),
         ("B, no LoRA", demo[1]),
-        ("B + ProLoRA (sim.)", g.add("LoraModelLoader", model=demo[1], lora=proj_sim[0], strength_model=1.0)[0]),
-        ("B + ProLoRA (name)", g.add("LoraModelLoader", model=demo[1], lora=proj_name[0], strength_model=1.0)[0]),
-        ("B + copy", g.add("LoraModelLoader", model=demo[1], lora=copy[0], strength_model=1.0)[0]),
-        ("B + trained", g.add("LoraModelLoader", model=demo[1], lora=demo[3], strength_model=1.0)[0]),
+        ("B + ProLoRA (sim.)", _apply(g, demo[1], proj_sim[0])),
+        ("B + ProLoRA (name)", _apply(g, demo[1], proj_name[0])),
+        ("B + copy", _apply(g, demo[1], copy[0])),
+        ("B + trained", _apply(g, demo[1], demo[3])),
     ]
-    images = [_sample(g, model, cond, latent, label) for label, model in branches]
-    grid = g.add("ProLoRACompare", **{f"image_{i + 1}": img[0] for i, img in enumerate(images)}, labels="\n".join(lbl for lbl, _ in branches))
-    g.add("SaveImage", title="Save grid", images=grid[0], filename_prefix="prolora_pruned/grid")
-    report = g.add("ProLoRAReportImage", match=by_sim[0], lora=demo[2], mode="prolora-full")
-    g.add("SaveImage", title="Save report", images=report[0], filename_prefix="prolora_pruned/report")
+    _compare_and_report(g, branches, cond, latent, by_sim, demo[2], "prolora_pruned")
     return g
 
 
