@@ -564,7 +564,9 @@ only the initialisation with the source — has 18.8 % weight change, median Φ 
 modules passing 0.8: at these k, Φ mostly measures the shared initialisation (the spectra section
 below shows why). What passes then transfers only in part: concept 0.61 / 0.50 (Copy 0.62 / 0.55),
 style −0.06 / 0.19 (Copy 0.05 / 0.34), i.e. a small loss harm on the style LoRA's data that the
-filter does not prevent. Φ separates "shares weights with the source" from "does not", which for
+filter does not prevent; threshold 0.9 still passes 61 of 84 (harm −0.01), and no threshold
+separates the sibling (median Φ 0.943) from descendant A (median 0.971) without dropping most of
+A's modules too (sweep above). Φ separates "shares weights with the source" from "does not", which for
 real checkpoints (descendants share far more than an init) is the distinction that matters, but
 it is not a certificate that a transfer will help.
 """,

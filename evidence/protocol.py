@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-samples", type=int, default=12)
     ap.add_argument("--targets", nargs="*", default=list(TARGETS))
     ap.add_argument("--loras", nargs="*", default=list(LORAS))
-    ap.add_argument("--sweep-targets", nargs="*", default=["descendant_a_near", "descendant_a", "descendant_b"])
+    ap.add_argument("--sweep-targets", nargs="*", default=["descendant_a_near", "descendant_a", "descendant_b", "sibling_c"])
     ap.add_argument("--no-sweep-domain", action="store_true", help="sweeps: skip the in-domain gap (halves their cost)")
     ap.add_argument("--merge", nargs="*", type=Path, help="only write the report from the results.json of earlier runs (e.g. one per LoRA)")
     args = ap.parse_args(argv)
