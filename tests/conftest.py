@@ -35,34 +35,12 @@ COMFYUI_DIR = Path(__file__).parents[1] / ".comfyui"
 TESTS_DIR = Path(__file__).resolve().parent
 
 
-def _same_dir(entry: str, target: Path) -> bool:
-    """True when a ``sys.path`` entry ('' meaning the cwd) points at ``target``."""
-    try:
-        return Path(entry or os.getcwd()).resolve() == target
-    except OSError:
-        return False
-
-
-def _configure_sys_path() -> None:
-    """Put ComfyUI first and the repo root (plus ``tests/``) last on ``sys.path``."""
-    sys.path[:] = [p for p in sys.path if not _same_dir(p, REPO_ROOT) and not _same_dir(p, COMFYUI_DIR.resolve())]
-    sys.path.insert(0, str(COMFYUI_DIR))
-    sys.path.append(str(REPO_ROOT))
-    if not any(_same_dir(p, TESTS_DIR) for p in sys.path):
-        sys.path.append(str(TESTS_DIR))
-
-
-def _configure_comfy_args() -> None:
-    """Freeze ComfyUI's CLI args (no argv parsing) and force CPU mode."""
+def _configure_host() -> None:
+    """ComfyUI first and the repo root last on ``sys.path``, CPU mode, no argv parsing: the same
+    set-up the evidence scripts use (``evidence.configure_host``, run when ``evidence`` is imported)."""
     if "comfy.model_management" in sys.modules:
         raise RuntimeError("comfy.model_management was imported before tests/conftest.py could set args.cpu")
-    import comfy.options
-
-    comfy.options.enable_args_parsing(False)  # cli_args then parses [] instead of pytest's argv
-    from comfy.cli_args import args
-
-    args.cpu = True
-    args.disable_api_nodes = True
+    import evidence  # noqa: F401  (its import configures the host)
 
 
 def _configure_torch_threads() -> None:
@@ -78,11 +56,12 @@ def _configure_torch_threads() -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by subprocesses (the ComfyUI server)
 
 
-_configure_sys_path()
+sys.path.append(str(REPO_ROOT))  # prolora_core, evidence (configure_host moves it to the end)
+sys.path.append(str(TESTS_DIR))  # comfy_host, reference, fixtures_files (--import-mode=importlib)
 _configure_torch_threads()
 COMFYUI_AVAILABLE = (COMFYUI_DIR / "main.py").is_file()
 if COMFYUI_AVAILABLE:
-    _configure_comfy_args()
+    _configure_host()
 
 import comfy_host  # noqa: E402  (needs the sys.path set-up above)
 
