@@ -1,10 +1,12 @@
 """The three ProLoRA steps as V3 nodes: Compute Basis → Match Modules → Project LoRA."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from comfy_api.latest import io
 
 from ..prolora_core.projection import MODES
-from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, TransferConfig
+from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, TransferConfig, overall_norm_ratio
 from .bridge import UNET, build_handle
 from .matching import MatchHandle, all_weight_keys, parse_lora_model, plan_lora, project_lora_model
 
@@ -108,16 +110,13 @@ class ProjectLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora, match, mode: str, out_rank: int, rescale_to_source_norm: bool) -> io.NodeOutput:
-        base = match.config
-        config = TransferConfig(mode=mode, subspace_rank=base.subspace_rank, threshold=base.threshold, pairing=base.pairing,
-                                out_rank=out_rank or None, rescale_to_source_norm=rescale_to_source_norm, device=base.device, basis=base.basis)
+        config = replace(match.config, mode=mode, out_rank=out_rank or None, rescale_to_source_norm=rescale_to_source_norm)
         out, results = project_lora_model(lora, match, config)
         modules = [m for r in results for m in r.modules]
-        done = [m for m in modules if m.transferred]
-        src = sum(m.source_norm**2 for m in done) ** 0.5
-        dst = sum((m.transferred_norm or 0) ** 2 for m in done) ** 0.5
-        lines = [f"ProLoRA {mode}: {len(done)}/{len(modules)} modules transferred; unmapped: {out.metadata.get('prolora.unmapped_modules')}",
-                 f"overall norm ratio transferred/source: {dst / src:.3f}" if src else "nothing transferred"]
+        ratio = overall_norm_ratio(modules)
+        lines = [f"ProLoRA {mode}: {sum(m.transferred for m in modules)}/{len(modules)} modules transferred; "
+                 f"unmapped: {out.metadata.get('prolora.unmapped_modules')}",
+                 f"overall norm ratio transferred/source: {ratio:.3f}" if ratio is not None else "nothing transferred"]
         for m in modules:
             ratio = f"{m.norm_ratio:.3f}" if m.norm_ratio is not None else "-"
             lines.append(f"{m.source}: {m.reason}, norm ratio {ratio}")

@@ -10,7 +10,7 @@ made only of them needs no basis). In ``copy`` mode every module is written back
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Sequence
 
@@ -108,6 +108,14 @@ class ModuleReport:
         return d
 
 
+def overall_norm_ratio(modules: Iterable[ModuleReport]) -> float | None:
+    """‖ΔW‖ after / before over all transferred modules together (Frobenius); None when none moved."""
+    done = [m for m in modules if m.transferred]
+    src = sum(m.source_norm**2 for m in done) ** 0.5
+    out = sum((m.transferred_norm or 0.0) ** 2 for m in done) ** 0.5
+    return out / src if src > 0 else None
+
+
 @dataclass
 class TransferResult:
     """The output of one LoRA: tensors to save (kohya-dotted) and the per-module report."""
@@ -119,8 +127,6 @@ class TransferResult:
 
     def summary(self) -> dict:
         done = [m for m in self.modules if m.transferred]
-        src = sum(m.source_norm**2 for m in done) ** 0.5
-        out = sum((m.transferred_norm or 0.0) ** 2 for m in done) ** 0.5
         return {
             "modules": len(self.modules),
             "transferred": len(done),
@@ -128,7 +134,7 @@ class TransferResult:
             "no_base_weight": sum(m.source_key is None for m in self.modules),
             "not_in_target": sum(m.reason.startswith("target") for m in self.modules),
             "repaired": sum(m.repaired for m in self.modules),
-            "norm_ratio": (out / src) if src > 0 else None,
+            "norm_ratio": overall_norm_ratio(self.modules),
             "energy_dropped": self.energy_dropped,
             "energy_kept": None if self.energy_dropped is None else 1.0 - self.energy_dropped,
             "output_modules": len({split_module_key(k)[0] for k in self.tensors}),
