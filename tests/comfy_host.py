@@ -266,6 +266,15 @@ def save_model_state(patcher: ModelPatcher, path: Path, *, prefix: str = "model.
     return path
 
 
+def save_tiny_pair(models_dir: Path, target_seed: int, eps: float = 0.05) -> ModelPatcher:
+    """Write a tiny SD1.5 source (seed 0) and a :func:`perturbed_copy` of it as
+    ``models_dir/diffusion_models/tiny_src|tiny_tgt.safetensors``; returns the source."""
+    src = tiny_sd15_model(0)
+    save_model_state(src, models_dir / "diffusion_models" / "tiny_src.safetensors")
+    save_model_state(perturbed_copy(src, eps, seed=target_seed), models_dir / "diffusion_models" / "tiny_tgt.safetensors")
+    return src
+
+
 def load_model_state(path: Path) -> ModelPatcher:
     """Rebuild a model written by :func:`save_model_state` (architecture from its metadata):
     ``evidence.models.load_zoo_model``, which reads the same metadata scheme."""

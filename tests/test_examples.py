@@ -28,10 +28,7 @@ EXAMPLES = comfy_host.REPO_ROOT / "example_workflows"
 def server(comfyui: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[comfy_host.ComfyServer]:
     """A real server whose models/ holds tiny stand-ins for the real-checkpoint example."""
     base = comfy_host.prepare_base_dir(tmp_path_factory.mktemp("examples_base"))
-    src = comfy_host.tiny_sd15_model(0)
-    tgt = comfy_host.perturbed_copy(src, 0.05, seed=21)
-    comfy_host.save_model_state(src, base / "models" / "diffusion_models" / "tiny_src.safetensors")
-    comfy_host.save_model_state(tgt, base / "models" / "diffusion_models" / "tiny_tgt.safetensors")
+    src = comfy_host.save_tiny_pair(base / "models", target_seed=21)
     lora = comfy_host.kohya_lora(src, ["input_blocks.1.1.transformer_blocks.0.attn1.to_q", "middle_block.1.transformer_blocks.0.attn2.to_v"],
                                  scale=1.0, seed=22)
     save_file(lora, str(base / "models" / "loras" / "tiny_lora.safetensors"), metadata={"ss_output_name": "tiny"})

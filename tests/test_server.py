@@ -22,10 +22,7 @@ OUR_NODES = ["ProLoRAComputeBasis", "ProLoRAMatchModules", "ProLoRAProjectLoRA",
 def server(comfyui: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[comfy_host.ComfyServer]:
     """A real server whose models/ already holds tiny SD1.5 source/target models and LoRAs."""
     base = comfy_host.prepare_base_dir(tmp_path_factory.mktemp("server_base"))
-    src = comfy_host.tiny_sd15_model(0)
-    tgt = comfy_host.perturbed_copy(src, 0.05, seed=9)
-    comfy_host.save_model_state(src, base / "models" / "diffusion_models" / "tiny_src.safetensors")
-    comfy_host.save_model_state(tgt, base / "models" / "diffusion_models" / "tiny_tgt.safetensors")
+    src = comfy_host.save_tiny_pair(base / "models", target_seed=9)
     save_file(comfy_host.kohya_lora(src, MODULES, seed=1), str(base / "models" / "loras" / "style.safetensors"), metadata={"ss_tag_frequency": "{}"})
     save_file(comfy_host.kohya_lora(src, MODULES[:2], seed=2), str(base / "models" / "loras" / "concept.safetensors"))
     sdxl = comfy_host.tiny_sdxl_model(0)
