@@ -48,10 +48,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 import multiprocessing as mp
 
@@ -100,10 +101,8 @@ class Recipe:
     ladder_far_lr: float = 8e-3
 
     def scaled(self, f: float) -> "Recipe":
-        return Recipe(max(2, int(self.source_steps * f)), self.source_lr, max(2, int(self.a_steps * f)),
-                      max(1, int(self.a_near_steps * f)), self.a_lr, max(2, int(self.lora_steps * f)), self.lora_lr,
-                      max(2, int(self.style_lora_steps * f)), self.style_lora_lr, max(2, int(self.near_steps * f)), self.near_lr,
-                      max(2, int(self.b_steps * f)), self.b_lr, self.ladder_mid_lr, self.ladder_far_lr)
+        """Every ``*_steps`` times ``f`` (at least 2; the unused v1 ``a_near_steps`` at least 1); rates unchanged."""
+        return replace(self, **{k: max(1 if k == "a_near_steps" else 2, int(v * f)) for k, v in asdict(self).items() if k.endswith("_steps")})
 
 
 MODELS = ("source", "descendant_a_near", "descendant_a", "ladder_mid", "ladder_far", "descendant_b", "unrelated_c", "sibling_c")
@@ -128,7 +127,7 @@ def _lr(step: int, steps: int, lr: float, warmup: int = 50) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
     p = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + __import__("math").cos(__import__("math").pi * p)))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def _cond(ctx: torch.Tensor, gen: torch.Generator, table: torch.Tensor) -> torch.Tensor:

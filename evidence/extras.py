@@ -43,13 +43,13 @@ import safetensors.torch  # noqa: E402
 
 from prolora_core.basis import default_rank  # noqa: E402
 from prolora_core.lora import read_lora  # noqa: E402
-from prolora_core.transfer import DEFAULT_THRESHOLD, TransferConfig, plan_by_names, transfer  # noqa: E402
+from prolora_core.transfer import DEFAULT_THRESHOLD  # noqa: E402
 from prolora_core.weights import SafetensorsWeights  # noqa: E402
 
 from . import build_zoo as BZ  # noqa: E402
 from .lora_utils import deltas_from_kohya, target_modules  # noqa: E402
 from .models import build_model, load_zoo_model, unet_state  # noqa: E402
-from .protocol import PAIRING, Evaluator, Zoo, delta_stats, gap, log, mean, mstd  # noqa: E402
+from .protocol import PAIRING, Evaluator, Zoo, delta_stats, log, mean, mstd, run_engine  # noqa: E402
 
 MARKER = "<!-- evidence.extras: sections below are appended by `python -m evidence.extras report` -->"
 LADDER_TARGETS = ("descendant_a_near", "descendant_b", "descendant_a", "ladder_mid", "ladder_far", "unrelated_c", "sibling_c")
@@ -122,10 +122,7 @@ def train_ranks(args) -> dict:
 def engine_file_transfer(lora_path: Path, source: SafetensorsWeights, target: SafetensorsWeights, mode: str,
                          k: int | None = None, threshold: float = DEFAULT_THRESHOLD, pairing: str = "name"):
     """``(tensors, summary, module reports)`` of one engine transfer of the LoRA file ``lora_path``."""
-    lf = read_lora(lora_path)
-    plan = plan_by_names([lf], source)
-    cfg = TransferConfig(mode=mode, subspace_rank=k, threshold=threshold, device="cpu", pairing=pairing)
-    (res,), _ = transfer([lf], plan, source, target, cfg)
+    res = run_engine(read_lora(lora_path), source, target, mode, k, threshold, pairing)
     return res.tensors, res.summary(), res.modules
 
 
@@ -322,17 +319,12 @@ def twohop(args) -> dict:
             m_s, f_s = short.get(mid_name, mid_name), short.get(final_name, final_name)
             for lora in args.loras:
                 src_path = zoo.lora_path(lora, "source")
-                base = {s: ev.loss(far, None, lora, s) for s in ev.seeds}
-                base_e = {s: ev.effect(far, None, lora, s) for s in ev.seeds}
-                tr = deltas_from_kohya(safetensors.torch.load_file(str(zoo.lora_path(lora, final_name))), far.state)
-                trained = {s: ev.loss(far, tr, lora, s) for s in ev.seeds}
-                trained_e = {s: ev.effect(far, tr, lora, s) for s in ev.seeds}
+                ends = ev.ends(far, deltas_from_kohya(safetensors.torch.load_file(str(zoo.lora_path(lora, final_name))), far.state), lora)
                 copy_t, sm_c, _ = engine_file_transfer(src_path, zoo.source.weights, far.weights, "copy")
                 copy_d = deltas_from_kohya(copy_t, far.state)
 
                 def evaluate(d, **info):
-                    gaps = [gap(base[s], ev.loss(far, d, lora, s), trained[s]) for s in ev.seeds]
-                    igaps = [gap(-base_e[s], -ev.effect(far, d, lora, s), -trained_e[s]) for s in ev.seeds]
+                    gaps, igaps = ev.gaps(far, d, lora, ends)
                     dc, nr = delta_stats(d, copy_d)
                     rows.append(dict(lora=lora, target=final_name, gap=gaps, igap=igaps, dcopy=dc, norm=nr, **info))
 
@@ -389,16 +381,13 @@ def ranks(args) -> dict:
             if not (r.get("target", "descendant_a_near") in args.rank_targets and r["rank"] in args.ranks)]
     for tname in args.rank_targets:
         t = zoo.target(tname)
-        base = {s: ev.loss(t, None, "style", s) for s in ev.seeds}
-        base_e = {s: ev.effect(t, None, "style", s) for s in ev.seeds}
+        no = ev.no_lora(t, "style")
         for rank in args.ranks:
             sp, tp = rank_lora_path(args.rank_dir, rank, "source"), rank_lora_path(args.rank_dir, rank, tname)
             if not (sp.exists() and tp.exists()):
                 log(f"ranks: rank {rank} LoRAs for {tname} missing in {args.rank_dir}, skipped")
                 continue
-            tr = deltas_from_kohya(safetensors.torch.load_file(str(tp)), t.state)
-            trained = {s: ev.loss(t, tr, "style", s) for s in ev.seeds}
-            trained_e = {s: ev.effect(t, tr, "style", s) for s in ev.seeds}
+            ends = ev.ends(t, deltas_from_kohya(safetensors.torch.load_file(str(tp)), t.state), "style", no)
             src_d = deltas_from_kohya(safetensors.torch.load_file(str(sp)), zoo.source.state)
             src_loss = [ev.loss(zoo.source, src_d, "style", s) for s in ev.seeds]
             copy_d = None
@@ -406,12 +395,11 @@ def ranks(args) -> dict:
                 tens, sm, _ = engine_file_transfer(sp, zoo.source.weights, t.weights, mode)
                 d = deltas_from_kohya(tens, t.state)
                 copy_d = d if mode == "copy" else copy_d
-                gaps = [gap(base[s], ev.loss(t, d, "style", s), trained[s]) for s in ev.seeds]
-                igaps = [gap(-base_e[s], -ev.effect(t, d, "style", s), -trained_e[s]) for s in ev.seeds]
+                gaps, igaps = ev.gaps(t, d, "style", ends)
                 dc, nr = delta_stats(d, copy_d)
                 rows.append(dict(target=tname, rank=rank, mode=mode, gap=gaps, igap=igaps, dcopy=dc, norm=nr,
-                                 moved=f"{sm['transferred']}/{sm['modules']}", no_loss=[base[s] for s in ev.seeds],
-                                 trained_loss=[trained[s] for s in ev.seeds], src_loss=src_loss))
+                                 moved=f"{sm['transferred']}/{sm['modules']}", no_loss=[ends.no_loss[s] for s in ev.seeds],
+                                 trained_loss=[ends.trained_loss[s] for s in ev.seeds], src_loss=src_loss))
             log(f"ranks {tname} r={rank}: " + ", ".join(f"{r['mode']} {mean(r['gap']):.3f}/{mean(r['igap']):.3f}" for r in rows[-3:]))
     for r in rows:
         r.setdefault("target", "descendant_a_near")

@@ -59,8 +59,8 @@ configure_host()
 import safetensors.torch  # noqa: E402
 
 from prolora_core.basis import default_rank  # noqa: E402
-from prolora_core.lora import read_lora  # noqa: E402
-from prolora_core.transfer import DEFAULT_THRESHOLD, TransferConfig, plan_by_names, transfer  # noqa: E402
+from prolora_core.lora import LoraFile, read_lora  # noqa: E402
+from prolora_core.transfer import DEFAULT_THRESHOLD, TransferConfig, TransferResult, plan_by_names, transfer  # noqa: E402
 from prolora_core.weights import SafetensorsWeights  # noqa: E402
 
 from . import data as D  # noqa: E402
@@ -145,12 +145,16 @@ def engine_transfer(zoo: Zoo, lora: str, target: Target, mode: str, k: int | Non
     """The engine's output tensors (kohya-dotted) and its summary for one transfer.
 
     ``pairing=None``: the target's pairing in :data:`PAIRING`."""
-    lf = zoo.source_lora(lora)
-    plan = plan_by_names([lf], zoo.source.weights)
-    pairing = pairing or PAIRING.get(target.name, "name")
-    cfg = TransferConfig(mode=mode, subspace_rank=k, threshold=threshold, device="cpu", pairing=pairing)
-    (res,), _ = transfer([lf], plan, zoo.source.weights, target.weights, cfg)
+    res = run_engine(zoo.source_lora(lora), zoo.source.weights, target.weights, mode, k, threshold, pairing or PAIRING.get(target.name, "name"))
     return res.tensors, res.summary()
+
+
+def run_engine(lf: LoraFile, source: SafetensorsWeights, target: SafetensorsWeights, mode: str, k: int | None = None,
+               threshold: float = DEFAULT_THRESHOLD, pairing: str = "name") -> TransferResult:
+    """One engine transfer of ``lf`` from ``source`` to ``target`` (CPU; every other setting the engine's default)."""
+    cfg = TransferConfig(mode=mode, subspace_rank=k, threshold=threshold, device="cpu", pairing=pairing)
+    (res,), _ = transfer([lf], plan_by_names([lf], source), source, target, cfg)
+    return res
 
 
 def delta_stats(deltas: dict[str, torch.Tensor], copy: dict[str, torch.Tensor]) -> tuple[float, float]:
@@ -162,6 +166,17 @@ def delta_stats(deltas: dict[str, torch.Tensor], copy: dict[str, torch.Tensor]) 
         den += float(c.square().sum())
         nrm += float(d.square().sum())
     return math.sqrt(num / den), math.sqrt(nrm / den)
+
+
+@dataclass
+class Ends:
+    """The two ends of "gap closed" on one target and LoRA, per seed: No LoRA (0) and the LoRA
+    trained on the target (1), on the loss and on the in-domain effect."""
+
+    no_loss: dict[int, float]
+    no_effect: dict[int, float]
+    trained_loss: dict[int, float]
+    trained_effect: dict[int, float]
 
 
 class Evaluator:
@@ -216,6 +231,26 @@ class Evaluator:
             le = diffusion_loss(target.patcher.model, params, edited[sl], ctx[sl], noise[sl], sigma[sl])
             tot += float((lp - le).sum())
         return tot / plain.shape[0]
+
+
+    def no_lora(self, target: Target, lora: str) -> tuple[dict[int, float], dict[int, float]]:
+        """No LoRA's loss and in-domain effect per seed."""
+        return ({s: self.loss(target, None, lora, s) for s in self.seeds}, {s: self.effect(target, None, lora, s) for s in self.seeds})
+
+    def ends(self, target: Target, trained: dict[str, torch.Tensor], lora: str,
+             no: tuple[dict[int, float], dict[int, float]] | None = None) -> Ends:
+        """:class:`Ends` for ``trained`` (dense ΔW of the LoRA trained on ``target``); ``no``: :meth:`no_lora`, if already known."""
+        no_loss, no_effect = no or self.no_lora(target, lora)
+        return Ends(no_loss, no_effect, {s: self.loss(target, trained, lora, s) for s in self.seeds},
+                    {s: self.effect(target, trained, lora, s) for s in self.seeds})
+
+    def gaps(self, target: Target, deltas: dict[str, torch.Tensor], lora: str, ends: Ends,
+             domain: bool = True) -> tuple[list[float], list[float]]:
+        """Gap closed per seed on the loss and (``domain``) in the target's domain; the effect is
+        higher-is-better, hence the signs."""
+        loss = [gap(ends.no_loss[s], self.loss(target, deltas, lora, s), ends.trained_loss[s]) for s in self.seeds]
+        effect = [gap(-ends.no_effect[s], -self.effect(target, deltas, lora, s), -ends.trained_effect[s]) for s in self.seeds] if domain else []
+        return loss, effect
 
 
 def samples(zoo: Zoo, target: Target, tensors: dict[str, torch.Tensor] | None, lora: str, seed: int, n: int) -> torch.Tensor:
@@ -329,11 +364,7 @@ def sweep(zoo: Zoo, ev: Evaluator, targets: list[str], loras: list[str], modes=(
     for lora in loras:
         for tname in targets:
             t = zoo.target(tname)
-            base = {s: ev.loss(t, None, lora, s) for s in ev.seeds}
-            tr = deltas_from_kohya(safetensors.torch.load_file(str(zoo.lora_path(lora, tname))), t.state)
-            trained = {s: ev.loss(t, tr, lora, s) for s in ev.seeds}
-            base_e = {s: ev.effect(t, None, lora, s) for s in ev.seeds}
-            trained_e = {s: ev.effect(t, tr, lora, s) for s in ev.seeds}
+            ends = ev.ends(t, deltas_from_kohya(safetensors.torch.load_file(str(zoo.lora_path(lora, tname))), t.state), lora)
             copy_t, _ = engine_transfer(zoo, lora, t, "copy")  # copy is always by name
             copy_d = deltas_from_kohya(copy_t, t.state)
             configs = [(k, DEFAULT_THRESHOLD) for k in K_SWEEP] + [(None, th) for th in T_SWEEP if th != DEFAULT_THRESHOLD]
@@ -341,8 +372,7 @@ def sweep(zoo: Zoo, ev: Evaluator, targets: list[str], loras: list[str], modes=(
                 for k, th in configs:
                     tensors, sm = engine_transfer(zoo, lora, t, mode, k, th)
                     d = deltas_from_kohya(tensors, t.state) if tensors else {}
-                    gaps = [gap(base[s], ev.loss(t, d, lora, s), trained[s]) for s in ev.seeds]
-                    igaps = [gap(-base_e[s], -ev.effect(t, d, lora, s), -trained_e[s]) for s in ev.seeds] if ev.sweep_domain else []
+                    gaps, igaps = ev.gaps(t, d, lora, ends, domain=ev.sweep_domain)
                     dc, nr = delta_stats(d, copy_d)
                     res.append(dict(lora=lora, target=tname, mode=mode, k=k, threshold=th, gap=gaps, igap=igaps, dcopy=dc, norm=nr,
                                     moved=f"{sm['transferred']}/{sm['modules']}"))
