@@ -219,43 +219,40 @@ function grow(node, width, minHeight) {
   app.graph?.setDirtyCanvas?.(true, true);
 }
 
+/** Give every node of ``nodeType`` a panel (created empty) that ``render(node, panel, data, output)``
+ * fills from the node's ``output[key][0]`` after each run. */
+function attachPanel(nodeType, widget, emptyText, key, render) {
+  const onNodeCreated = nodeType.prototype.onNodeCreated;
+  nodeType.prototype.onNodeCreated = function () {
+    const r = onNodeCreated?.apply(this, arguments);
+    this.__prolora = addPanel(this, widget, emptyText, 60);
+    return r;
+  };
+  const onExecuted = nodeType.prototype.onExecuted;
+  nodeType.prototype.onExecuted = function (output) {
+    onExecuted?.apply(this, arguments);
+    const data = output?.[key]?.[0];
+    if (!data || !this.__prolora) return;
+    this.__prolora.panel.dataset.node = String(this.id);
+    render(this, this.__prolora.panel, data, output);
+  };
+}
+
 app.registerExtension({
   name: "prolora.transfer",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name === MATCH_NODE) {
-      const onNodeCreated = nodeType.prototype.onNodeCreated;
-      nodeType.prototype.onNodeCreated = function () {
-        const r = onNodeCreated?.apply(this, arguments);
-        this.__prolora = addPanel(this, MATCH_WIDGET, "Run the workflow to see the match report here.", 60);
-        return r;
-      };
-      const onExecuted = nodeType.prototype.onExecuted;
-      nodeType.prototype.onExecuted = function (output) {
-        onExecuted?.apply(this, arguments);
-        const data = output?.prolora_match?.[0];
-        if (!data || !this.__prolora) return;
-        this.__prolora.panel.dataset.node = String(this.id);
-        renderMatch(this.__prolora.panel, data);
-        grow(this, 460, Math.min(360, 90 + 20 * (data.rows?.length ?? 0)));
-      };
+      attachPanel(nodeType, MATCH_WIDGET, "Run the workflow to see the match report here.", "prolora_match", (node, panel, data) => {
+        renderMatch(panel, data);
+        grow(node, 460, Math.min(360, 90 + 20 * (data.rows?.length ?? 0)));
+      });
     } else if (nodeData.name === COMPARE_NODE) {
-      const onNodeCreated = nodeType.prototype.onNodeCreated;
-      nodeType.prototype.onNodeCreated = function () {
-        const r = onNodeCreated?.apply(this, arguments);
-        this.__prolora = addPanel(this, COMPARE_WIDGET, "Run the workflow to compare the branches here.", 60);
-        return r;
-      };
-      const onExecuted = nodeType.prototype.onExecuted;
-      nodeType.prototype.onExecuted = function (output) {
-        onExecuted?.apply(this, arguments);
-        const data = output?.prolora_compare?.[0];
-        if (!data || !this.__prolora) return;
-        this.__prolora.panel.dataset.node = String(this.id);
-        renderCompare(this.__prolora.panel, data, output.images || []);
+      attachPanel(nodeType, COMPARE_WIDGET, "Run the workflow to compare the branches here.", "prolora_compare", (node, panel, data, output) => {
+        renderCompare(panel, data, output.images || []);
         const [ch, cw] = data.cell || [1, 1];
-        const width = Math.max(this.size[0], 380);
-        grow(this, 380, Math.min(720, Math.round(110 + (width - 40) * ch / cw)));
-      };
+        const width = Math.max(node.size[0], 380);
+        grow(node, 380, Math.min(720, Math.round(110 + (width - 40) * ch / cw)));
+      });
     }
   },
 });
