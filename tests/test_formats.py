@@ -397,7 +397,7 @@ def test_interrupt_during_match_modules_leaves_a_valid_cache(nodes_by_id: dict[s
     import comfy_host
 
     pack = comfy_host.load_pack()
-    engine = sys.modules[pack.__name__ + ".prolora_core.transfer"]
+    engine = sys.modules[pack.__name__ + ".prolora_core.match"]
     monkeypatch.setenv("PROLORA_CACHE_DIR", str(tmp_path / "cache"))
     model = comfy_host.tiny_sd15_model(0)
     lora = _tiny_lora(model)

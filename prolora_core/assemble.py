@@ -1,0 +1,194 @@
+"""Project (the paper's third step) and assemble: every planned LoRA module projected on its match,
+then the output tensors of each LoRA written in the input's layout.
+
+Per adapter type (see :mod:`.adapters`): LoRA/LoCon factors are projected in factored form; LoHa
+and LoKr as their dense ``ΔW``, re-factored into a LoRA; a 2-D/4-D ``.diff`` densely, written back
+as a ``.diff``; a DoRA magnitude by the ratio rule; 1-D parts are carried over unchanged (a module
+made only of them needs no basis). In ``copy`` mode every module is written back as it came.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .adapters import FullDiff, LoraModule, Module, dora_magnitude, refactor
+from .config import TransferConfig
+from .errors import ProLoRAError
+from .linalg import cpu_fallback, torch_threads
+from .lora import LoraFile, module_tensors
+from .match import ModuleMatch
+from .names import BaseIndex, name_style
+from .plan import Planned
+from .projection import Factors, project, project_dense, recompress
+from .report import ModuleReport, TransferResult
+from .weights import WeightSource
+
+NameFn = Callable[[Planned, ModuleMatch], str]
+
+
+def default_output_name(p: Planned, match: ModuleMatch) -> str:
+    """The input's own module name, or the target module's name in the input's style when re-paired."""
+    if not match.repaired:
+        return p.module.name
+    return name_style(p.module.name).encode(BaseIndex([match.target_key]).bare_name(match.target_key))  # type: ignore[list-item,arg-type]
+
+
+@dataclass
+class Piece:
+    """One module's output before it is written: LoRA factors (written in ``layout``: the input
+    LoRA module's, or a base weight's shape) and other tensors by suffix (``.diff``, ``.dora_scale``,
+    carried 1-D parts, or a module copied as it came)."""
+
+    report: ModuleReport
+    factors: Factors | None = None
+    layout: LoraModule | tuple[int, ...] = ()
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    energy: tuple[float, float] | None = None  # (kept, total) Σσ² of a re-factored update
+
+    @property
+    def summable(self) -> bool:
+        """Plain LoRA factors and nothing else: pieces like this on one output module are summed."""
+        return self.factors is not None and not self.tensors
+
+
+Weights = tuple[WeightSource | None, WeightSource | None]
+
+
+def project_loras(loras: Sequence[LoraFile], plan: Sequence[Planned], matches: dict[str, ModuleMatch], config: TransferConfig,
+                  check_interrupt: Callable[[], None] | None = None, output_name: NameFn = default_output_name,
+                  source: WeightSource | None = None, target: WeightSource | None = None) -> list[TransferResult]:
+    """Project every planned LoRA module with its match; modules that do not pass are reported.
+
+    ``output_name`` names each output module (default: as in the input). Plain LoRA updates that
+    land on the same output module are summed. ``source`` and ``target`` are needed by DoRA
+    modules only (the ratio rule reads both weights). A CUDA out-of-memory error in one module
+    redoes that module on the CPU, with a warning."""
+    reports: list[list[ModuleReport]] = [[] for _ in loras]
+    pieces: list[dict[str, list[Piece]]] = [{} for _ in loras]
+    with torch_threads(config.threads):
+        for p in plan:
+            if check_interrupt is not None:
+                check_interrupt()
+            lora, mod = loras[p.lora_index], p.module
+            rep = ModuleReport(str(lora.path or "<LoRA>"), mod.name, None, p.source_key, None, False, "no base weight",
+                               source_norm=mod.source_norm(), kind=mod.kind)
+            reports[p.lora_index].append(rep)
+            match = matches.get(p.source_key) if p.source_key is not None else None
+            if match is None:
+                continue
+            rep.reason = match.reason
+            if match.similarity is not None:
+                s = match.similarity
+                rep.similarity_u, rep.similarity_v, rep.chance_u, rep.chance_v, rep.subspace_rank = s.phi_u, s.phi_v, s.chance_u, s.chance_v, match.k
+            if match.target_key is None:
+                continue
+            if mod.update is not None and not match.passes(config):  # Φ filters projections; 1-D parts are carried
+                rep.reason = "below threshold"
+                continue
+            piece = cpu_fallback(f"the projection of {mod.name}",
+                                 lambda dev: _transfer_module(rep, mod, match, config, lora.dtype, (source, target), dev))  # noqa: B023
+            rep.transferred, rep.reason = True, "transferred" if mod.update is not None else "carried over unchanged"
+            rep.target_key, rep.target, rep.repaired = match.target_key, BaseIndex([match.target_key]).bare_name(match.target_key), match.repaired
+            pieces[p.lora_index].setdefault(output_name(p, match), []).append(piece)
+        results = []
+        for i, lora in enumerate(loras):
+            tensors, dropped = _assemble(lora, pieces[i], config)
+            results.append(TransferResult(lora, tensors, reports[i], dropped))
+    return results
+
+
+def _transfer_module(rep: ModuleReport, mod: Module, match: ModuleMatch, config: TransferConfig, lora_dtype: torch.dtype,
+                     weights: Weights, device: torch.device | None) -> Piece:
+    """One module's output on ``match`` (bases moved to ``device`` when given); sets the report's
+    transferred norm and energy kept."""
+    keep = (lambda t: t) if config.save_dtype is None else (lambda t: t.to(config.save_dtype))
+    piece = Piece(rep, tensors={s: keep(t) for s, t in mod.carried.items()})
+    u = mod.update
+    if u is None:
+        return piece
+    copy = config.mode == "copy"
+    if copy and not isinstance(u, LoraModule):  # written back exactly as it came
+        piece.tensors.update({s: keep(t) for s, t in (u.parts.items() if not isinstance(u, FullDiff) else [(".diff", u.diff)])})
+        if u.alpha is not None:
+            piece.tensors[".alpha"] = torch.tensor(u.alpha, dtype=torch.float32)
+        if mod.dora_scale is not None:
+            piece.tensors[".dora_scale"] = keep(mod.dora_scale)
+        rep.transferred_norm = rep.source_norm
+        return piece
+    bs, bt = match.source_basis, match.target_basis
+    if device is not None and bs is not None and bt is not None:
+        bs, bt = bs.to(device), bt.to(device)
+    out_dtype = config.save_dtype or lora_dtype
+    diff: Tensor | None = None
+    if isinstance(u, LoraModule):
+        f = u.factors() if copy else project(u.factors(), bs, bt, config.mode)  # type: ignore[arg-type]
+        piece.factors, piece.layout = Factors(f.up.to("cpu", torch.float32), f.down.to("cpu", torch.float32), f.scale), u
+        norm = piece.factors.frobenius_norm()
+    else:
+        delta = project_dense(u.dense(), bs, bt, config.mode)  # type: ignore[arg-type]
+        norm = float(delta.double().norm())
+        if isinstance(u, FullDiff):
+            diff = delta.to("cpu", torch.float32).reshape(bt.shape)  # type: ignore[union-attr]
+        else:
+            rf = refactor(delta, config.out_rank)
+            piece.factors, piece.layout, piece.energy = rf.factors, bt.shape, (rf.energy_kept * norm**2, norm**2)  # type: ignore[union-attr]
+            rep.energy_kept, norm = rf.energy_kept, rf.factors.frobenius_norm()
+    if config.rescale_to_source_norm and norm > 0:
+        ratio = rep.source_norm / norm
+        if piece.factors is not None:
+            piece.factors = Factors(piece.factors.up, piece.factors.down, piece.factors.scale * ratio)
+        diff = diff * ratio if diff is not None else None
+        norm = rep.source_norm
+    if diff is not None:
+        piece.tensors[".diff"] = diff.to(out_dtype)
+    if mod.dora_scale is not None:
+        piece.tensors[".dora_scale"] = keep(mod.dora_scale) if copy else _dora(mod, match, weights).to(out_dtype)
+    rep.transferred_norm = norm
+    return piece
+
+
+def _dora(mod: Module, match: ModuleMatch, weights: Weights) -> Tensor:
+    source, target = weights
+    if source is None or target is None:
+        raise ProLoRAError("DoRA modules need the source and target weights (project_loras(..., source=, target=))", key=mod.dora_key)
+    return dora_magnitude(mod.dora_scale, source.get(match.source_key), target.get(match.target_key))  # type: ignore[arg-type]
+
+
+def _assemble(lora: LoraFile, pieces: dict[str, list[Piece]], config: TransferConfig) -> tuple[dict[str, Tensor], float | None]:
+    """Output tensors and the share of energy dropped by re-factoring/re-compression (``None`` when
+    nothing was). Plain LoRA pieces on one output module are summed (factors concatenated); other
+    pieces cannot be, so the first stays and the others are reported as not transferred."""
+    tensors: dict[str, Tensor] = {}
+    kept = total = 0.0
+    measured = config.out_rank is not None
+    dtype = config.save_dtype or lora.dtype
+    for name, parts in pieces.items():
+        if len(parts) > 1 and not all(p.summable for p in parts):
+            for p in parts[1:]:
+                p.report.transferred, p.report.transferred_norm, p.report.target, p.report.target_key = False, None, None, None
+                p.report.reason = f"another module already landed on {name}; DoRA, diff and 1-D parts cannot be summed"
+            parts = parts[:1]
+        for p in parts:
+            tensors.update({name + suffix: t for suffix, t in p.tensors.items()})
+        factors = [p.factors for p in parts if p.factors is not None]
+        if not factors:
+            continue
+        f = factors[0] if len(factors) == 1 else Factors(torch.cat([p.up * p.scale for p in factors], dim=1), torch.cat([p.down for p in factors], dim=0), 1.0)
+        if config.out_rank is not None and config.out_rank < f.rank:
+            norm2 = f.frobenius_norm() ** 2
+            rc = recompress(f, config.out_rank)
+            total += norm2
+            kept += norm2 * (1.0 - rc.energy_dropped)
+            for p in parts:
+                p.report.energy_kept = 1.0 - rc.energy_dropped
+            f = rc.factors
+        else:
+            for p in parts:
+                if p.energy is not None:
+                    kept, total, measured = kept + p.energy[0], total + p.energy[1], True
+        tensors.update(module_tensors(name, f, parts[0].layout, dtype))
+    dropped = (1.0 - kept / total) if total > 0 else (0.0 if measured else None)
+    return tensors, dropped

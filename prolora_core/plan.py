@@ -1,0 +1,58 @@
+"""Plan: place each LoRA module on a weight of the source base, and check that it fits there."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .adapters import FullDiff, LoraModule, Module, dora_on_output_axis
+from .errors import ProLoRAError
+from .lora import LoraFile
+from .linalg import matrix_shape
+from .names import BaseIndex
+from .weights import WeightSource
+
+@dataclass(frozen=True)
+class Planned:
+    """A LoRA module placed on a source weight (``source_key=None``: no base weight found)."""
+
+    lora_index: int
+    module: Module
+    source_key: str | None
+
+
+def plan_by_names(loras: Sequence[LoraFile], source: WeightSource) -> list[Planned]:
+    """Place each LoRA module on ``<module>.weight`` of the source file (prefixes, kohya underscores)."""
+    index = BaseIndex(source.keys())
+    plan = [Planned(i, mod, index.resolve(mod.name)) for i, lora in enumerate(loras) for mod in lora.modules.values()]
+    for i, lora in enumerate(loras):
+        mine = [p for p in plan if p.lora_index == i]
+        if mine and all(p.source_key is None for p in mine):
+            raise ProLoRAError(f"none of the LoRA's {len(mine)} modules has a weight in the source base {source.label} (e.g. '{mine[0].module.name}')",
+                               file=lora.path or "<LoRA>")
+    return plan
+
+
+def check_fits(lora: LoraFile, mod: Module, weight_shape: tuple[int, ...], base_label: str) -> None:
+    """Refuse a LoRA module whose shape does not fit its base weight, saying why."""
+    where = lora.path or "<LoRA>"
+    shape = tuple(int(d) for d in weight_shape)
+    u = mod.update
+    if u is not None and len(shape) < 2:
+        raise ProLoRAError(f"a weight update on the 1-D weight {list(shape)} of {base_label}", file=where, key=u.key)
+    if isinstance(u, LoraModule):
+        if u.is_conv and len(shape) != 4:
+            raise ProLoRAError(f"conv LoRA {list(u.down.shape)} on a linear weight {list(shape)} of {base_label}", file=where, key=u.down_key)
+        if not u.is_conv and len(shape) == 4 and shape[2:] != (1, 1):
+            raise ProLoRAError(f"linear LoRA on a conv weight {list(shape)} of {base_label}", file=where, key=u.down_key)
+    if u is not None and (u.matrix_shape != matrix_shape(shape) or isinstance(u, FullDiff) and tuple(u.diff.shape) != shape):
+        raise ProLoRAError(
+            f"LoRA update is {u.matrix_shape[0]}×{u.matrix_shape[1]} but the weight in {base_label} is {list(shape)}: "
+            "this looks like a LoRA for another base model", file=where, key=u.key)
+    if mod.dora_scale is not None and mod.dora_scale.numel() != shape[0 if dora_on_output_axis(mod.dora_scale, shape) else 1]:
+        raise ProLoRAError(f"DoRA magnitude of shape {list(mod.dora_scale.shape)} fits neither the rows nor the input channels of "
+                           f"the weight {list(shape)} in {base_label}", file=where, key=mod.dora_key)
+    for suffix, t in mod.carried.items():
+        want = (shape[0],) if suffix in (".diff_b", ".b_norm") else shape
+        if tuple(t.shape) != want:
+            raise ProLoRAError(f"has shape {list(t.shape)} but the weight in {base_label} is {list(shape)} (needs {list(want)}): "
+                               "this looks like a LoRA for another base model", file=where, key=mod.name + suffix)
