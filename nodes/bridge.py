@@ -23,14 +23,17 @@ UNET, CLIP = "unet", "clip"
 
 class LoraModel(dict):
     """A ``LORA_MODEL`` (``dict[str, Tensor]``, what core ``LoraModelLoader``/``SaveLoRA`` take) that
-    also carries the file's metadata and, per output module, the name the input format used."""
+    also carries the file's metadata, per output module the name the input format used, and report
+    lines naming what of its input was not used (``unused``)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                 save_names: dict[str, str] | None = None, source_file: str | None = None) -> None:
+                 save_names: dict[str, str] | None = None, source_file: str | None = None,
+                 unused: list[str] | None = None) -> None:
         super().__init__(tensors)
         self.metadata: dict[str, str] = dict(metadata or {})
         self.save_names: dict[str, str] = dict(save_names or {})
         self.source_file = source_file
+        self.unused: list[str] = list(unused or [])
 
 
 class PatcherWeights:

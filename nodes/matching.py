@@ -81,8 +81,14 @@ class MatchHandle:
         return "\n".join(lines)
 
 
+#: Why a module is not transferred when ComfyUI's key maps do not know its name.
+UNMAPPED = "no entry in ComfyUI's LoRA key map for this model: ComfyUI would not apply it either"
+
+
 def plan_lora(lora: LoraFile, handle: BasisHandle) -> tuple[dict[str, list[Planned]], list[str]]:
-    """Per model part, the LoRA's modules placed on the source model's weights (ComfyUI's key maps)."""
+    """Per model part, the LoRA's modules placed on the source model's weights, through ComfyUI's own
+    key maps (``model_lora_keys_unet`` / ``_clip``), so a module lands where ``comfy.lora.load_lora``
+    applies it; the second value names the modules the key maps do not know (ComfyUI skips them)."""
     plans: dict[str, list[Planned]] = {}
     unmapped: list[str] = []
     for mod in lora.modules.values():
@@ -106,6 +112,16 @@ def parse_lora_model(lora: dict, label: str = "<LORA_MODEL>") -> LoraFile:
     meta = getattr(lora, "metadata", None)
     src = getattr(lora, "source_file", None)
     return parse_state_dict(comfy.lora_convert.convert_lora(dict(lora)), Path(src) if src else Path(label), meta)
+
+
+def unused_lines(lora: LoraFile, unmapped: Collection[str], limit: int = 12) -> list[str]:
+    """Report lines naming what of the LoRA is not used, with the reason: keys no module uses and
+    modules with no weight in the source model (empty when everything is used)."""
+    items = [f"{k}: {why}" for k, why in lora.unused.items()] + [f"{m}.*: {UNMAPPED}" for m in sorted(unmapped)]
+    if not items:
+        return []
+    shown = items[:limit] + ([f"… and {len(items) - limit} more"] if len(items) > limit else [])
+    return [f"not used ({len(lora.unused)} tensors, {len(unmapped)} modules):", *(f"  {line}" for line in shown)]
 
 
 def all_weight_keys(handle: BasisHandle, part: str) -> list[str]:
@@ -136,7 +152,7 @@ def project_lora_model(lora_in: dict, match: MatchHandle, config: TransferConfig
         results.append(res)
     meta = output_metadata(_merged(lora, tensors, results), match.source.label, match.target.label, config)
     meta["prolora.unmapped_modules"] = str(len(unmapped))
-    return LoraModel(tensors, meta, save_names, None), results
+    return LoraModel(tensors, meta, save_names, None, unused_lines(lora, unmapped)), results
 
 
 def _merged(lora: LoraFile, tensors: dict, results: list[TransferResult]) -> TransferResult:

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from ..prolora_core.projection import MODES
 from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, TransferConfig, overall_norm_ratio
 from .bridge import UNET, build_handle
-from .matching import MatchHandle, all_weight_keys, parse_lora_model, plan_lora, project_lora_model
+from .matching import MatchHandle, all_weight_keys, parse_lora_model, plan_lora, project_lora_model, unused_lines
 
 CATEGORY = "ProLoRA"
 PREFIX = "ProLoRA"
@@ -70,9 +70,12 @@ class MatchModules(io.ComfyNode):
         config = TransferConfig(subspace_rank=source_basis.subspace_rank, threshold=threshold, pairing=pairing,
                                 device=source_basis.device, basis=source_basis.settings)
         match = MatchHandle(source_basis, target_basis, config)
+        unused: list[str] = []
         if lora is not None:
-            plans, unmapped = plan_lora(parse_lora_model(lora), source_basis)
+            parsed = parse_lora_model(lora)
+            plans, unmapped = plan_lora(parsed, source_basis)
             match.unmapped = unmapped
+            unused = unused_lines(parsed, unmapped)
             for part, plan in plans.items():
                 match.ensure(part, [p.source_key for p in plan if p.source_key])
         else:
@@ -82,9 +85,9 @@ class MatchModules(io.ComfyNode):
         rows = match.rows()
         ui = {"prolora_match": [{
             "threshold": threshold, "pairing": pairing, "modules": len(rows), "passing": sum(r["passes"] for r in rows),
-            "rows": rows, "unmapped": match.unmapped,
+            "rows": rows, "unmapped": match.unmapped, "unused": unused,
         }]}
-        return io.NodeOutput(match, match.summary(), ui=ui)
+        return io.NodeOutput(match, "\n".join([match.summary(), *unused]), ui=ui)
 
 
 class ProjectLoRA(io.ComfyNode):
@@ -120,7 +123,7 @@ class ProjectLoRA(io.ComfyNode):
         for m in modules:
             ratio = f"{m.norm_ratio:.3f}" if m.norm_ratio is not None else "-"
             lines.append(f"{m.source}: {m.reason}, norm ratio {ratio}")
-        return io.NodeOutput(out, "\n".join(lines))
+        return io.NodeOutput(out, "\n".join(lines + out.unused))
 
 
 NODES: list[type[io.ComfyNode]] = [ComputeBasis, MatchModules, ProjectLoRA]

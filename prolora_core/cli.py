@@ -133,7 +133,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     loras: list[LoraFile] = [read_lora(p) for p in paths]
     for lora in loras:
         if lora.unknown_keys:
-            _warn(f"{lora.path}: {len(lora.unknown_keys)} keys are not LoRA factors and are left out: {_first(lora.unknown_keys)}")
+            _warn(f"{lora.path}: {len(lora.unknown_keys)} keys are not used: " + _first([f"{k} ({lora.unused[k]})" for k in lora.unknown_keys]))
     plan = plan_by_names(loras, source)
     missing = [p for p in plan if p.source_key is None]
     if missing:
@@ -172,6 +172,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
                 "mode": config.mode, "threshold": config.threshold, "pairing": config.pairing,
                 "subspace_rank": config.subspace_rank, "source_base": source.label, "target_base": target.label,
                 "loras": {str(r.lora.path): r.summary() for r in results},
+                "unused": {str(r.lora.path): r.lora.unused for r in results},
                 "transferred": sum(m.transferred for m in all_modules), "modules": len(all_modules),
                 "svd_computed": stats.svd_computed, "bases_from_cache": stats.bases_from_cache, "seconds": round(stats.seconds, 4),
                 "worst_subspace_change": stats.worst_subspace_change, "save_dtype": args.save_dtype, "deterministic": settings.deterministic,
@@ -238,7 +239,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "ranks": sorted({u.rank for u in updates}),
         "alphas": sorted({u.alpha for u in updates if u.alpha is not None}),
         "conv_modules": sum(isinstance(u, LoraModule) and u.is_conv for u in updates),
-        "unknown_keys": lora.unknown_keys, "metadata_keys": sorted(lora.metadata),
+        "unknown_keys": lora.unknown_keys, "unused": lora.unused, "metadata_keys": sorted(lora.metadata),
         "module_names": sorted(lora.modules)[: args.limit],
     }
     print(json.dumps(info, indent=2))

@@ -1,16 +1,25 @@
 """LoRA files in and out: parsing the key formats into adapted modules, and writing them back.
 
-In, per module (see :mod:`.adapters` for each type's math):
+In, per module, the spellings ComfyUI 0.3.75's ``comfy.weight_adapter`` reads (see :mod:`.adapters`
+for each type's math):
 
-* LoRA factors: kohya-dotted (``<m>.lora_up.weight`` / ``.lora_down.weight``, also ComfyUI-native
-  ``diffusion_model.<m>…`` and kohya-underscore names ``lora_unet_a_b``), PEFT (``lora_B`` /
-  ``lora_A``), old diffusers (``.lora.up`` / ``.lora.down``, ``lora_linear_layer.up`` / ``.down``),
-  LoCon conv (down ``[r, in, kh, kw]``, up ``[out, r, 1, 1]``), LoCon Tucker (``.lora_mid.weight``,
-  folded into down).
+* LoRA factors, ``<m>`` + (up suffix, down suffix), in ComfyUI's order of preference:
+  kohya-dotted ``.lora_up.weight`` / ``.lora_down.weight`` (also ComfyUI-native
+  ``diffusion_model.<m>…`` and kohya-underscore names ``lora_unet_a_b``); diffusers' legacy
+  attention processors ``<m>_lora.up.weight`` / ``_lora.down.weight`` (``…attn1.processor.to_q``,
+  module ``…processor.to_q``); PEFT ``.lora_B.weight`` / ``.lora_A.weight``; diffusers
+  ``.lora.up.weight`` / ``.lora.down.weight``; Mochi ``.lora_B`` / ``.lora_A``; transformers
+  ``.lora_linear_layer.up.weight`` / ``.down.weight``; PEFT with its adapter name
+  ``.lora_B.default.weight`` / ``.lora_A.default.weight`` (ComfyUI reads the adapter named
+  ``default`` only). LoCon conv (down ``[r, in, kh, kw]``, up ``[out, r, 1, 1]``), LoCon Tucker
+  (``.lora_mid.weight``, folded into down). Any rank, also above ``min(m, n)``.
 * LoHa (``.hada_w1_a/b``, ``.hada_w2_a/b``), LoKr (``.lokr_w1`` or ``.lokr_w1_a/b``, ``.lokr_w2``
   or ``.lokr_w2_a/b``), a full difference ``.diff`` (2-D/4-D).
-* ``.alpha`` (scale ``alpha / r``, 1 without alpha), ``.dora_scale`` (DoRA magnitude).
+* ``.alpha`` (scale ``alpha / r``, 1 without alpha; 0-d or 1-element, float or int),
+  ``.dora_scale`` (DoRA magnitude).
 * 1-D parts carried over unchanged: ``.diff_b``, ``.w_norm``, ``.b_norm``, a 1-D ``.diff``.
+
+Every tensor not used is kept in :attr:`LoraFile.unused` with the reason, for reports.
 
 Out: kohya-dotted ``lora_up``/``lora_down`` with ``.alpha`` written so that ``alpha / rank``
 reproduces the scale, plus whatever other parts the module carries, under the same suffixes.
@@ -18,6 +27,7 @@ reproduces the scale, plus whatever other parts the module carries, under the sa
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,12 +42,16 @@ from .safetensors_io import SafetensorsReader
 
 __all__ = ["LoraFile", "LoraModule", "Module", "module_tensors", "parse_state_dict", "read_lora", "split_module_key"]
 
-#: (up suffix, down suffix) pairs, longest first so that ``.lora.up.weight`` wins over shorter ones.
+#: (up suffix, down suffix) pairs in the order ComfyUI's ``LoRAAdapter.load`` tries them. No suffix
+#: is the end of another, so each key has at most one (``x_lora.up.weight`` ≠ ``x.lora.up.weight``).
 FACTOR_SUFFIXES: tuple[tuple[str, str], ...] = (
-    (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
     (".lora_up.weight", ".lora_down.weight"),
+    ("_lora.up.weight", "_lora.down.weight"),
     (".lora_B.weight", ".lora_A.weight"),
     (".lora.up.weight", ".lora.down.weight"),
+    (".lora_B", ".lora_A"),
+    (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
+    (".lora_B.default.weight", ".lora_A.default.weight"),
 )
 MID_SUFFIX = ".lora_mid.weight"
 LOKR_SUFFIXES = (".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b")
@@ -92,13 +106,43 @@ def split_module_key(key: str) -> tuple[str, str]:
 
 @dataclass
 class LoraFile:
-    """A parsed LoRA: its modules, the keys we do not know, its metadata and its dtype."""
+    """A parsed LoRA: its modules, its metadata, its dtype, and every key it holds that no module
+    uses, with the reason (``unused``: key → reason)."""
 
     path: Path | None
     modules: dict[str, Module]
     metadata: dict[str, str] = field(default_factory=dict)
-    unknown_keys: list[str] = field(default_factory=list)
+    unused: dict[str, str] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
+
+    @property
+    def unknown_keys(self) -> list[str]:
+        """The keys no module uses, sorted."""
+        return sorted(self.unused)
+
+    def unused_lines(self, limit: int | None = None) -> list[str]:
+        """``"key: reason"`` per unused key (sorted; at most ``limit``, then a count of the rest)."""
+        keys = self.unknown_keys
+        shown = keys if limit is None else keys[:limit]
+        lines = [f"{k}: {self.unused[k]}" for k in shown]
+        if len(keys) > len(shown):
+            lines.append(f"… and {len(keys) - len(shown)} more")
+        return lines
+
+
+#: Why a key is not used, when its name ends in no suffix ComfyUI's loader reads.
+NOT_READ = "not a part ComfyUI's LoRA loader reads (ComfyUI would log 'lora key not loaded' and skip it)"
+ALPHA_ONLY = "an alpha with no weight update in its module (ComfyUI applies nothing for it)"
+_PEFT_NAMED = re.compile(r"\.lora_[AB]\.([^.]+)\.weight$")
+
+
+def _why_unused(key: str) -> str:
+    """The reason a key with no known suffix is not used."""
+    named = _PEFT_NAMED.search(key)
+    if named is not None and named.group(1) != "default":
+        return (f"PEFT adapter '{named.group(1)}': ComfyUI 0.3.75 reads only the adapter named 'default' "
+                "(lora_A.default / lora_B.default) and would skip it")
+    return NOT_READ
 
 
 def _label(path: Path | None) -> str:
@@ -122,26 +166,27 @@ def parse_state_dict(state: dict[str, Tensor], path: Path | None = None, metadat
         if what is not None:
             raise ProLoRAError(f"{what} is not supported yet; LoRA, LoCon, LoHa, LoKr, DoRA and diff parts are", file=where, key=key)
     grouped: dict[str, dict[str, str]] = {}
-    unknown: list[str] = []
+    unused: dict[str, str] = {}
     for key in state:
         found = _split_known(key)
         if found is None:
-            unknown.append(key)
+            unused[key] = _why_unused(key)
         else:
             grouped.setdefault(found[0], {})[found[1]] = key
     modules: dict[str, Module] = {}
     for name in sorted(grouped):
         mod = _build(name, grouped[name], state, where)
         if mod is None:
-            unknown += grouped[name].values()
+            unused.update({k: ALPHA_ONLY for k in grouped[name].values()})
         else:
             modules[name] = mod
     if not modules:
-        shown = ", ".join(sorted(unknown)[:3])
-        raise ProLoRAError(f"no LoRA module found (no lora_up/lora_down or lora_B/lora_A pairs); keys look like: {shown}", file=where)
+        shown = "; ".join(f"{k} ({unused[k]})" for k in sorted(unused)[:3])
+        raise ProLoRAError(f"no LoRA module found (no up/down, lora_B/lora_A, LoHa, LoKr or diff parts ComfyUI reads); keys: {shown}",
+                           file=where)
     dtypes = {t.dtype for m in modules.values() for t in _update_tensors(m)} or {t.dtype for m in modules.values() for t in m.carried.values()}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    return LoraFile(path, modules, dict(metadata or {}), sorted(unknown), dtype)
+    return LoraFile(path, modules, dict(metadata or {}), dict(sorted(unused.items())), dtype)
 
 
 def _update_tensors(mod: Module) -> list[Tensor]:
@@ -175,7 +220,7 @@ def _build(name: str, parts: dict[str, str], state: dict[str, Tensor], where: st
     present = {kind: next(parts[s] for s in suffixes if s in parts) for kind, suffixes in types.items() if any(s in parts for s in suffixes)}
     if len(present) > 1:
         raise ProLoRAError(f"one module mixes adapter types ({', '.join(present)})", file=where, key=list(present.values())[1])
-    if MID_SUFFIX in parts and FACTOR_SUFFIXES[1][0] not in parts:
+    if MID_SUFFIX in parts and FACTOR_SUFFIXES[0][0] not in parts:
         raise ProLoRAError("a Tucker core (lora_mid) needs lora_up/lora_down factors", file=where, key=parts[MID_SUFFIX])
     kind = next(iter(present), None)
     update: Update | None = None

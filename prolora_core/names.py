@@ -68,6 +68,7 @@ class BaseIndex:
     def resolve(self, lora_name: str) -> str | None:
         """The base weight key for a LoRA module name, or ``None``."""
         _, bare = strip_prefix(lora_name, LORA_PREFIXES)
+        bare = processor_module(bare)
         if bare in self.by_bare:
             return self.by_bare[bare]
         return self.by_underscore.get(underscore(bare))
@@ -75,6 +76,16 @@ class BaseIndex:
     def find_bare(self, bare: str) -> str | None:
         """The weight key of a bare module name, with this file's own prefix."""
         return self.by_bare.get(bare)
+
+
+def processor_module(name: str) -> str:
+    """The module of a diffusers legacy attention-processor name, as ComfyUI's key map spells it
+    (``….attn1.processor.to_q`` → ``….attn1.to_q``, ``….processor.to_out`` → ``….to_out.0``);
+    other names unchanged."""
+    head, sep, tail = name.rpartition(".processor.")
+    if not sep or not tail.startswith("to_") or "." in tail:
+        return name
+    return f"{head}.{tail}.0" if tail == "to_out" else f"{head}.{tail}"
 
 
 def name_style(lora_name: str) -> NameStyle:
