@@ -164,7 +164,8 @@ def parse_state_dict(state: dict[str, Tensor], path: Path | None = None, metadat
     for key in state:
         what = unsupported_part(key)
         if what is not None:
-            raise ProLoRAError(f"{what} is not supported yet; LoRA, LoCon, LoHa, LoKr, DoRA and diff parts are", file=where, key=key)
+            raise ProLoRAError(f"{what} is not supported yet (ComfyUI applies it; the whole file is refused rather than transferred "
+                               "in part); LoRA, LoCon, LoHa, LoKr, DoRA and diff parts are", file=where, key=key)
     grouped: dict[str, dict[str, str]] = {}
     unused: dict[str, str] = {}
     for key in state:
@@ -250,7 +251,8 @@ def _alpha(state: dict[str, Tensor], key: str, where: str) -> float:
         raise ProLoRAError(f"alpha must be a scalar, got shape {list(a.shape)} dtype {a.dtype}", file=where, key=key)
     alpha = float(a.reshape(()))
     if not math.isfinite(alpha) or alpha <= 0:
-        raise ProLoRAError(f"alpha must be a finite positive number, got {alpha}", file=where, key=key)
+        comfy = "" if not math.isfinite(alpha) else " (ComfyUI would apply it as alpha / rank: a zero or sign-flipped update)"
+        raise ProLoRAError(f"alpha must be a finite positive number, got {alpha:g}{comfy}", file=where, key=key)
     return alpha
 
 
