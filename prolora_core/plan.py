@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .adapters import FullDiff, LoraModule, Module, dora_on_output_axis
+from .adapters import FullDiff, Module, dora_on_output_axis
 from .errors import ProLoRAError
 from .lora import LoraFile
 from .linalg import matrix_shape
@@ -33,17 +33,16 @@ def plan_by_names(loras: Sequence[LoraFile], source: WeightSource) -> list[Plann
 
 
 def check_fits(lora: LoraFile, mod: Module, weight_shape: tuple[int, ...], base_label: str) -> None:
-    """Refuse a LoRA module whose shape does not fit its base weight, saying why."""
+    """Refuse a LoRA module whose shape does not fit its base weight, saying why. Fits what ComfyUI
+    applies: the update's ``m × n`` equals the weight's ``out × in·kh·kw`` (any rank, any factor
+    layout); a ``.diff`` has the weight's own shape."""
     where = lora.path or "<LoRA>"
     shape = tuple(int(d) for d in weight_shape)
     u = mod.update
     if u is not None and len(shape) < 2:
         raise ProLoRAError(f"a weight update on the 1-D weight {list(shape)} of {base_label}", file=where, key=u.key)
-    if isinstance(u, LoraModule):
-        if u.is_conv and len(shape) != 4:
-            raise ProLoRAError(f"conv LoRA {list(u.down.shape)} on a linear weight {list(shape)} of {base_label}", file=where, key=u.down_key)
-        if not u.is_conv and len(shape) == 4 and shape[2:] != (1, 1):
-            raise ProLoRAError(f"linear LoRA on a conv weight {list(shape)} of {base_label}", file=where, key=u.down_key)
+    # A LoRA's factors may be 2-D on a conv weight or 4-D on a linear one: ComfyUI multiplies the
+    # flattened factors and reshapes the product to the weight, so only the matrix shapes must agree.
     if u is not None and (u.matrix_shape != matrix_shape(shape) or isinstance(u, FullDiff) and tuple(u.diff.shape) != shape):
         raise ProLoRAError(
             f"LoRA update is {u.matrix_shape[0]}×{u.matrix_shape[1]} but the weight in {base_label} is {list(shape)}: "

@@ -104,11 +104,12 @@ class Maker:
         return scale * torch.randn(shape, generator=self.gen)
 
     def factors(self, module: str, rank: int, *, conv_as_linear: bool = False) -> tuple[Tensor, Tensor]:
-        """(up, down) for ``module``: linear ``[m, r]``/``[r, n]``, conv ``[out, r, 1, 1]``/``[r, in, kh, kw]``."""
+        """(up, down) for ``module``: linear ``[m, r]``/``[r, n]``, conv ``[out, r, 1, 1]``/``[r, in, kh, kw]``
+        (``conv_as_linear``: 2-D ``[out, r]``/``[r, in·kh·kw]``, which ComfyUI reshapes)."""
         shape = self.shapes[module]
         if len(shape) == 4 and not conv_as_linear:
             return self.t(shape[0], rank, 1, 1), self.t(rank, *shape[1:])
-        return self.t(shape[0], rank), self.t(rank, shape[1])
+        return self.t(shape[0], rank), self.t(rank, int(torch.tensor(shape[1:]).prod()))
 
     def lora(self, name: str, module: str, rank: int, up_s: str = ".lora_up.weight", down_s: str = ".lora_down.weight",
              alpha: Tensor | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
@@ -182,6 +183,11 @@ def build_corpus(model: Any, clip: Any) -> list[Case]:
     # bf16 throughout (the output keeps bf16).
     t = {**mk.lora(n.kohya(Q), Q, 4, alpha=a0(4), dtype=torch.bfloat16), **mk.lora(n.kohya(CONV_IN), CONV_IN, 4, alpha=a0(4), dtype=torch.bfloat16)}
     cases.append(Case("kohya-bf16", t, tol=2e-2))
+    # Factor layouts ComfyUI reshapes: 2-D factors on a 3×3 conv (up [32, r], down [r, 4·3·3]), 4-D 1×1 factors on a linear weight.
+    up, down = mk.factors(CONV_IN, 4, conv_as_linear=True)
+    t = {f"{n.kohya(CONV_IN)}.lora_up.weight": up, f"{n.kohya(CONV_IN)}.lora_down.weight": down,
+         f"{n.kohya(Q)}.lora_up.weight": mk.t(32, 4, 1, 1), f"{n.kohya(Q)}.lora_down.weight": mk.t(4, 32, 1, 1), f"{n.kohya(Q)}.alpha": a0(2)}
+    cases.append(Case("flattened-factor-layouts", t))
     # Rank above min(m, n) (issue failure 1): rank 40 on a 32×32 to_q, LoCon rank 8 on conv_out [4, 32, 3, 3].
     t = {**mk.lora(n.kohya(Q), Q, 40, alpha=a0(40)), **mk.lora(n.kohya(CONV_OUT), CONV_OUT, 8, alpha=a0(4))}
     cases.append(Case("rank-above-min", t))

@@ -391,8 +391,6 @@ CASES: list[tuple[str, Build]] = [
     ("pickle-named-safetensors", _evil_pickle("evil.safetensors", "looks like a pickle/zip checkpoint")),
     *[(case_id, _tensors_case(edit, key, reason)) for case_id, edit, key, reason in LORA_CONTENT],
     ("shape-of-another-base", _lora_on(Q, torch.zeros(32, 3), torch.zeros(3, 40), "lora_up", r"LoRA update is 32×40 .* looks like a LoRA for another base model")),
-    ("conv-lora-on-linear", _lora_on(Q, torch.zeros(24, 2, 1, 1), torch.zeros(2, 40, 1, 1), "lora_down", r"conv LoRA \[2, 40, 1, 1\] on a linear weight \[24, 40\]")),
-    ("linear-lora-on-conv3x3", _lora_on(CONV, torch.zeros(12, 2), torch.zeros(2, 54), "lora_down", r"linear LoRA on a conv weight \[12, 6, 3, 3\]")),
     ("nan-in-source-base", _bad_base("source", float("nan"), None, "base weight contains NaN or Inf values")),
     ("inf-in-target-base", _bad_base("target", float("inf"), None, "base weight contains NaN or Inf values")),
     ("integer-base-weight", _bad_base("source", None, torch.int8, "integer bases are not supported")),
