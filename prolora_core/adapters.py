@@ -6,9 +6,12 @@ update is turned back into something ComfyUI loads. Semantics exactly as ComfyUI
   core ``lora_mid`` (``[r, r, kh, kw]``) is folded into ``down`` when the file is read
   (:func:`fold_tucker`), leaving a plain LoCon module. Projected in factored form.
 * LoHa (:class:`LoHa`): ``ΔW = alpha/r · (w1_a @ w1_b) ⊙ (w2_a @ w2_b)``, r = rows of ``hada_w1_b``.
+  With Tucker cores ``hada_t1``/``hada_t2`` (``[r, r, kh, kw]``; then ``w_a`` is ``[r, out]`` and
+  ``w_b`` is ``[r, in]``) each factor is ``einsum('ijkl,jr,ip->prkl', t, w_b, w_a)`` (conv).
 * LoKr (:class:`LoKr`): ``ΔW = s · w1 ⊗ w2``, each side stored whole or as ``a @ b``;
   ``s = alpha / dim`` with dim the rows of ``lokr_w2_b`` (else of ``lokr_w1_b``), and 1 when
-  both sides are whole or there is no alpha. A 4-D ``w2`` makes a conv update.
+  both sides are whole or there is no alpha. A 4-D ``w2`` makes a conv update. (A Tucker core
+  ``lokr_t2`` is not an update ComfyUI 0.3.75 applies: see :mod:`.lora`.)
 * Full difference (:class:`FullDiff`): ``ΔW = diff`` (a 2-D or 4-D ``.diff``).
 
 The projection does not commute with ``⊙`` or ``⊗``: LoHa, LoKr and diff modules are projected as
@@ -92,15 +95,28 @@ def fold_tucker(down: Tensor, mid: Tensor) -> Tensor:
     return folded.to(down.dtype)
 
 
+def tucker_factor(t: Tensor, b: Tensor, a: Tensor) -> Tensor:
+    """``einsum('ijkl,jr,ip->prkl', t, b, a)`` in float32: a LyCORIS Tucker core ``t``
+    ``[r, r, kh, kw]`` with ``b`` ``[r, in]`` and ``a`` ``[r, out]`` → ``[out, in, kh, kw]``, as
+    ComfyUI's LoHa adapter forms it."""
+    return torch.einsum("ijkl,jr,ip->prkl", t.float(), b.float(), a.float())
+
+
 @dataclass(frozen=True)
 class LoHa:
-    """A LoHa update. ``parts`` holds the stored tensors by suffix (``.hada_w1_a`` …), 2-D each."""
+    """A LoHa update. ``parts`` holds the stored tensors by suffix (``.hada_w1_a`` …), 2-D each,
+    plus the Tucker cores ``.hada_t1``/``.hada_t2`` when the file has them."""
 
     kind: ClassVar[str] = "loha"
     SUFFIXES: ClassVar[tuple[str, ...]] = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b")
+    TUCKER: ClassVar[tuple[str, ...]] = (".hada_t1", ".hada_t2")
     parts: dict[str, Tensor]
     alpha: float | None
     key: str
+
+    @property
+    def tucker(self) -> bool:
+        return ".hada_t1" in self.parts
 
     @property
     def rank(self) -> int:
@@ -108,11 +124,19 @@ class LoHa:
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
-        return int(self.parts[".hada_w1_a"].shape[0]), int(self.parts[".hada_w1_b"].shape[1])
+        a, b = self.parts[".hada_w1_a"], self.parts[".hada_w1_b"]
+        if self.tucker:
+            t = self.parts[".hada_t1"]
+            return int(a.shape[1]), int(b.shape[1]) * int(t.shape[2]) * int(t.shape[3])
+        return int(a.shape[0]), int(b.shape[1])
 
     def dense(self) -> Tensor:
         p = {s: t.float() for s, t in self.parts.items()}
         scale = 1.0 if self.alpha is None else self.alpha / self.rank
+        if self.tucker:
+            m1 = tucker_factor(p[".hada_t1"], p[".hada_w1_b"], p[".hada_w1_a"])
+            m2 = tucker_factor(p[".hada_t2"], p[".hada_w2_b"], p[".hada_w2_a"])
+            return (m1 * m2).reshape(m1.shape[0], -1) * scale
         return (p[".hada_w1_a"] @ p[".hada_w1_b"]) * (p[".hada_w2_a"] @ p[".hada_w2_b"]) * scale
 
 

@@ -13,8 +13,9 @@ for each type's math):
   ``.lora_B.default.weight`` / ``.lora_A.default.weight`` (ComfyUI reads the adapter named
   ``default`` only). LoCon conv (down ``[r, in, kh, kw]``, up ``[out, r, 1, 1]``), LoCon Tucker
   (``.lora_mid.weight``, folded into down). Any rank, also above ``min(m, n)``.
-* LoHa (``.hada_w1_a/b``, ``.hada_w2_a/b``), LoKr (``.lokr_w1`` or ``.lokr_w1_a/b``, ``.lokr_w2``
-  or ``.lokr_w2_a/b``), a full difference ``.diff`` (2-D/4-D).
+* LoHa (``.hada_w1_a/b``, ``.hada_w2_a/b``, Tucker cores ``.hada_t1/t2``), LoKr (``.lokr_w1`` or
+  ``.lokr_w1_a/b``, ``.lokr_w2`` or ``.lokr_w2_a/b`` with an optional Tucker core ``.lokr_t2``), a
+  full difference ``.diff`` (2-D/4-D).
 * ``.alpha`` (scale ``alpha / r``, 1 without alpha; 0-d or 1-element, float or int),
   ``.dora_scale`` (DoRA magnitude).
 * 1-D parts carried over unchanged: ``.diff_b``, ``.w_norm``, ``.b_norm``, a 1-D ``.diff``.
@@ -55,23 +56,21 @@ FACTOR_SUFFIXES: tuple[tuple[str, str], ...] = (
 )
 MID_SUFFIX = ".lora_mid.weight"
 LOKR_SUFFIXES = (".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b")
+LOKR_TUCKER = ".lokr_t2"
 DIFF_SUFFIX = ".diff"
 CARRIED_SUFFIXES = (".diff_b", ".w_norm", ".b_norm")
 DORA_SUFFIX = ".dora_scale"
 ALPHA_SUFFIX = ".alpha"
 KNOWN_SUFFIXES: tuple[str, ...] = (
-    *(s for pair in FACTOR_SUFFIXES for s in pair), MID_SUFFIX, *LoHa.SUFFIXES, *LOKR_SUFFIXES, DIFF_SUFFIX,
+    *(s for pair in FACTOR_SUFFIXES for s in pair), MID_SUFFIX, *LoHa.SUFFIXES, *LoHa.TUCKER, *LOKR_SUFFIXES, LOKR_TUCKER, DIFF_SUFFIX,
     *CARRIED_SUFFIXES, DORA_SUFFIX, ALPHA_SUFFIX,
 )
 #: Suffixes an output module may carry (what :func:`split_module_key` knows).
-OUTPUT_SUFFIXES: tuple[str, ...] = (".lora_up.weight", ".lora_down.weight", *LoHa.SUFFIXES, *LOKR_SUFFIXES, DIFF_SUFFIX,
+OUTPUT_SUFFIXES: tuple[str, ...] = (".lora_up.weight", ".lora_down.weight", *LoHa.SUFFIXES, *LoHa.TUCKER, *LOKR_SUFFIXES, DIFF_SUFFIX,
                                     *CARRIED_SUFFIXES, DORA_SUFFIX, ALPHA_SUFFIX)
 
 #: Adapter parts recognised but not handled yet: (substring of the key, what it is).
 UNSUPPORTED_PARTS: tuple[tuple[str, str], ...] = (
-    (".hada_t1", "LoHa Tucker (hada_t1/hada_t2)"),
-    (".hada_t2", "LoHa Tucker (hada_t1/hada_t2)"),
-    (".lokr_t2", "LoKr Tucker (lokr_t2)"),
     (".oft_", "OFT (oft_*)"),
     (".oft_blocks", "OFT (oft_blocks)"),
     (".boft_", "BOFT"),
@@ -133,6 +132,11 @@ class LoraFile:
 #: Why a key is not used, when its name ends in no suffix ComfyUI's loader reads.
 NOT_READ = "not a part ComfyUI's LoRA loader reads (ComfyUI would log 'lora key not loaded' and skip it)"
 ALPHA_ONLY = "an alpha with no weight update in its module (ComfyUI applies nothing for it)"
+#: LoKr with a Tucker core: ComfyUI 0.3.75 forms ``w2`` by an einsum whose result is not contiguous,
+#: ``torch.kron`` then raises, and ComfyUI logs "ERROR lokr …" and leaves the weight unchanged.
+LOKR_TUCKER_FAILS = ("LoKr with a Tucker core (lokr_t2): ComfyUI 0.3.75 fails on it (torch.kron of the non-contiguous "
+                     "Tucker product; it logs 'ERROR lokr' and leaves the weight unchanged), so nothing of this module is applied")
+LOKR_TUCKER_IGNORED = "a LoKr Tucker core next to a whole lokr_w2: ComfyUI uses lokr_w2 and ignores the core"
 _PEFT_NAMED = re.compile(r"\.lora_[AB]\.([^.]+)\.weight$")
 
 
@@ -176,7 +180,14 @@ def parse_state_dict(state: dict[str, Tensor], path: Path | None = None, metadat
             grouped.setdefault(found[0], {})[found[1]] = key
     modules: dict[str, Module] = {}
     for name in sorted(grouped):
-        mod = _build(name, grouped[name], state, where)
+        parts = grouped[name]
+        if LOKR_TUCKER in parts:
+            core = parts.pop(LOKR_TUCKER)
+            if ".lokr_w2" not in parts and (".lokr_w2_a" in parts or ".lokr_w2_b" in parts):
+                unused.update({k: LOKR_TUCKER_FAILS for k in (core, *parts.values())})
+                continue
+            unused[core] = LOKR_TUCKER_IGNORED if ".lokr_w2" in parts else NOT_READ
+        mod = _build(name, parts, state, where)
         if mod is None:
             unused.update({k: ALPHA_ONLY for k in grouped[name].values()})
         else:
@@ -217,7 +228,7 @@ def _build(name: str, parts: dict[str, str], state: dict[str, Tensor], where: st
     alpha = _alpha(state, parts[ALPHA_SUFFIX], where) if ALPHA_SUFFIX in parts else None
     diff = state[parts[DIFF_SUFFIX]] if DIFF_SUFFIX in parts else None
     types = {f"LoRA {up_s.removeprefix('.')}": (up_s, down_s) for up_s, down_s in FACTOR_SUFFIXES}
-    types.update({"LoHa": LoHa.SUFFIXES, "LoKr": LOKR_SUFFIXES, "diff": (DIFF_SUFFIX,) if diff is not None and diff.ndim >= 2 else ()})
+    types.update({"LoHa": LoHa.SUFFIXES + LoHa.TUCKER, "LoKr": LOKR_SUFFIXES, "diff": (DIFF_SUFFIX,) if diff is not None and diff.ndim >= 2 else ()})
     present = {kind: next(parts[s] for s in suffixes if s in parts) for kind, suffixes in types.items() if any(s in parts for s in suffixes)}
     if len(present) > 1:
         raise ProLoRAError(f"one module mixes adapter types ({', '.join(present)})", file=where, key=list(present.values())[1])
@@ -290,14 +301,24 @@ def _fits(cond: bool, what: str, shapes: dict[str, Tensor], where: str, key: str
 
 
 def _loha(state: dict[str, Tensor], parts: dict[str, str], alpha: float | None, where: str) -> LoHa:
-    missing = [s.removeprefix(".") for s in LoHa.SUFFIXES if s not in parts]
-    first = next(parts[s] for s in LoHa.SUFFIXES if s in parts)
+    tucker = any(s in parts for s in LoHa.TUCKER)
+    wanted = LoHa.SUFFIXES + (LoHa.TUCKER if tucker else ())
+    missing = [s.removeprefix(".") for s in wanted if s not in parts]
+    first = next(parts[s] for s in wanted if s in parts)
     if missing:
         raise ProLoRAError(f"LoHa module lacks {', '.join(missing)}", file=where, key=first)
-    t = {s: state[parts[s]] for s in LoHa.SUFFIXES}
-    w1a, w1b, w2a, w2b = t.values()
-    ok = all(x.ndim == 2 for x in t.values()) and w1a.shape[1] == w1b.shape[0] and w2a.shape[1] == w2b.shape[0]
-    _fits(ok and w1a.shape[0] == w2a.shape[0] and w1b.shape[1] == w2b.shape[1] and w1b.shape[0] > 0, "LoHa", t, where, first)
+    t = {s: state[parts[s]] for s in wanted}
+    w1a, w1b, w2a, w2b = (t[s] for s in LoHa.SUFFIXES)
+    two_d = all(t[s].ndim == 2 for s in LoHa.SUFFIXES) and w1b.shape[0] > 0
+    if tucker:  # w_a [r, out], w_b [r, in], t [r, r, kh, kw]
+        t1, t2 = t[".hada_t1"], t[".hada_t2"]
+        ok = two_d and t1.ndim == t2.ndim == 4 and all(
+            c.shape[0] == a.shape[0] and c.shape[1] == b.shape[0] for c, a, b in ((t1, w1a, w1b), (t2, w2a, w2b)))
+        ok = ok and w1a.shape[1] == w2a.shape[1] and w1b.shape[1] == w2b.shape[1] and t1.shape[2:] == t2.shape[2:]
+    else:
+        ok = two_d and w1a.shape[1] == w1b.shape[0] and w2a.shape[1] == w2b.shape[0]
+        ok = ok and w1a.shape[0] == w2a.shape[0] and w1b.shape[1] == w2b.shape[1]
+    _fits(ok, "LoHa", t, where, first)
     return LoHa(t, alpha, first)
 
 

@@ -211,6 +211,16 @@ def build_corpus(model: Any, clip: Any) -> list[Case]:
          f"{n.kohya(FF0)}.lokr_w2_b": mk.t(2, 4), f"{n.kohya(FF0)}.alpha": a0(1),
          f"{n.kohya(CONV_IN)}.lokr_w1": mk.t(4, 2), f"{n.kohya(CONV_IN)}.lokr_w2": mk.t(8, 2, 3, 3)}
     cases.append(Case("lokr", t, refactored=frozenset({n.kohya(Q), n.kohya(FF0), n.kohya(CONV_IN)})))
+    # LyCORIS Tucker (CP) variants: LoHa with hada_t1/t2 on conv_in (w_a [r, out], w_b [r, in]), and LoKr
+    # with a factored w2 and lokr_t2 on a 3×3 ResNet conv ([32, 32, 3, 3] = [4, 4] ⊗ [8, 8, 3, 3]), which
+    # ComfyUI 0.3.75 fails to apply (it logs an error and leaves the weight as it is).
+    k, c = n.kohya(CONV_IN), n.kohya(RES)
+    t = {f"{k}.hada_w1_a": mk.t(2, 32), f"{k}.hada_w1_b": mk.t(2, 4), f"{k}.hada_t1": mk.t(2, 2, 3, 3),
+         f"{k}.hada_w2_a": mk.t(2, 32), f"{k}.hada_w2_b": mk.t(2, 4), f"{k}.hada_t2": mk.t(2, 2, 3, 3), f"{k}.alpha": a0(1),
+         f"{c}.lokr_w1": mk.t(4, 4), f"{c}.lokr_w2_a": mk.t(2, 8), f"{c}.lokr_w2_b": mk.t(2, 8), f"{c}.lokr_t2": mk.t(2, 2, 3, 3),
+         f"{c}.alpha": a0(1)}
+    lokr_keys = frozenset(key for key in t if key.startswith(c + "."))  # ComfyUI 0.3.75 fails on lokr_t2: nothing applied
+    cases.append(Case("lycoris-tucker-loha-lokr", t, unused=lokr_keys, refactored=frozenset({k})))
     # DoRA: LoRA + magnitude on a linear and on a 1×1 conv weight.
     t = {**mk.lora(n.kohya(Q), Q, 4, alpha=a0(4)), f"{n.kohya(Q)}.dora_scale": mk.magnitude(Q),
          **mk.lora(n.kohya(PROJ_IN), PROJ_IN, 2, alpha=a0(2)), f"{n.kohya(PROJ_IN)}.dora_scale": mk.magnitude(PROJ_IN)}

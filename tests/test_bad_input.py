@@ -163,7 +163,7 @@ LORA_CONTENT: list[tuple[str, Callable[[dict[str, torch.Tensor]], None], str | N
 ] + [
     (f"unsupported-{part.strip('._')}", _set(f"{Q}{part}", torch.zeros(2, 2)), f"{Q}{part}", f"{what}.* not supported yet")
     for part, what in [
-        (".hada_t1", r"LoHa Tucker \(hada_t1/hada_t2\)"), (".lokr_t2", r"LoKr Tucker \(lokr_t2\)"), (".oft_blocks", "OFT"),
+        (".oft_blocks", "OFT"),
         (".boft_blocks", "BOFT"), (".a1.weight", "GLoRA"), (".set_weight", r"weight replacement \(set_weight\)"),
     ]
 ]

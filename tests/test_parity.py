@@ -36,7 +36,7 @@ def host(comfyui: Any) -> tuple[Any, Any, list[Case]]:
 
 
 CASE_NAMES = ["kohya-ldm", "kohya-diffusers", "peft", "peft-default", "peft-prefixed", "diffusers-lora-up", "diffusers-processor",
-              "native-mixed-dtypes", "kohya-bf16", "flattened-factor-layouts", "rank-above-min", "lycoris-locon-tucker", "loha", "lokr", "dora", "diff-and-norms",
+              "native-mixed-dtypes", "kohya-bf16", "flattened-factor-layouts", "rank-above-min", "lycoris-locon-tucker", "loha", "lycoris-tucker-loha-lokr", "lokr", "dora", "diff-and-norms",
               "unknown-keys"]
 
 
