@@ -76,6 +76,7 @@ UNSUPPORTED_PARTS: tuple[tuple[str, str], ...] = (
     (".boft_", "BOFT"),
     (".a1.weight", "GLoRA"),
     (".set_weight", "weight replacement (set_weight)"),
+    (".reshape_weight", "weight padding (reshape_weight)"),
 )
 
 
@@ -233,7 +234,8 @@ def _build(name: str, parts: dict[str, str], state: dict[str, Tensor], where: st
     if len(present) > 1:
         raise ProLoRAError(f"one module mixes adapter types ({', '.join(present)})", file=where, key=list(present.values())[1])
     if MID_SUFFIX in parts and FACTOR_SUFFIXES[0][0] not in parts:
-        raise ProLoRAError("a Tucker core (lora_mid) needs lora_up/lora_down factors", file=where, key=parts[MID_SUFFIX])
+        raise ProLoRAError("a Tucker core (lora_mid) needs lora_up/lora_down factors (ComfyUI reads it only next to those and "
+                           "would apply this module without it)", file=where, key=parts[MID_SUFFIX])
     kind = next(iter(present), None)
     update: Update | None = None
     if kind == "LoHa":
