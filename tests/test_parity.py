@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 import comfy_host
 from fixtures_files import read_report, rel_err, run_main
 from parity_corpus import Case, build_corpus
+from prolora_core.lora import split_module_key
 
 Tensor = torch.Tensor
 
@@ -90,8 +91,21 @@ def _refactored_keys(case: Case, host: tuple[Any, Any, list[Case]]) -> set[str]:
     return {km[m] for m in case.refactored}
 
 
+@pytest.fixture(scope="module")
+def loras_dir(comfyui: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``models/loras`` folder of ComfyUI's for Save LoRA."""
+    import folder_paths
+
+    folder = tmp_path_factory.mktemp("loras")
+    folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
+    return folder
+
+
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_corpus_file_applies_as_comfyui_applies_it(nodes_by_id: dict[str, Any], host: tuple[Any, Any, list[Case]], name: str) -> None:
+def test_corpus_file_applies_as_comfyui_applies_it(nodes_by_id: dict[str, Any], host: tuple[Any, Any, list[Case]], loras_dir: Path,
+                                                   name: str) -> None:
+    from safetensors.torch import load_file
+
     model, clip, _ = host
     case = _case(host, name)
     base, _ = comfy_weights(model, clip, {})
@@ -118,6 +132,15 @@ def test_corpus_file_applies_as_comfyui_applies_it(nodes_by_id: dict[str, Any], 
     for key in touched:
         delta_want, delta_got = (want[key] - base[key]).double().numpy(), (got[key] - base[key]).double().numpy()
         assert rel_err(delta_got, delta_want) <= 1e-5, key
+
+    # Saved in the input's own key spelling, the file is applied the same way.
+    (saved,) = _run(nodes_by_id, "ProLoRASaveLoRA", lora=out, filename=f"parity/{name}", key_format="as input", overwrite=True)
+    file_tensors = load_file(str(loras_dir / saved))
+    for module in {split_module_key(k)[0] for k in file_tensors}:
+        assert any(k.startswith((module + ".", module + "_lora.")) for k in case.tensors), f"{module} is not spelled as in the input"
+    from_file, not_loaded_file = comfy_weights(model, clip, file_tensors)
+    assert not not_loaded_file, not_loaded_file
+    assert all(torch.equal(from_file[k], got[k]) for k in got), "the saved file applies as the LORA_MODEL does"
 
     # (ii) prolora-full with target = source gives the same weights back.
     out, _, report = _project(nodes_by_id, model, clip, case.tensors, "prolora-full")
