@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import comfy_host
 from fixtures_files import read_report, rel_err, run_main
@@ -104,8 +104,6 @@ def loras_dir(comfyui: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_corpus_file_applies_as_comfyui_applies_it(nodes_by_id: dict[str, Any], host: tuple[Any, Any, list[Case]], loras_dir: Path,
                                                    name: str) -> None:
-    from safetensors.torch import load_file
-
     model, clip, _ = host
     case = _case(host, name)
     base, _ = comfy_weights(model, clip, {})
@@ -122,7 +120,9 @@ def test_corpus_file_applies_as_comfyui_applies_it(nodes_by_id: dict[str, Any], 
             assert key in text, (key, text)
         for module in case.unmapped:
             assert f"{module}.*: no entry in ComfyUI's LoRA key map" in text, text
-        if not unapplied:
+        if unapplied:
+            assert f"not used ({len(case.unused)} tensors, {len(case.unmapped)} modules):" in text, text
+        else:
             assert "not used" not in text, text
 
     # (i) copy: ComfyUI applies the output exactly as it applies the original.
@@ -234,8 +234,6 @@ def test_cli_reads_the_corpus_file_and_lists_what_it_does_not_use(tmp_path: Path
     assert set(report["summary"]["unused"][str(lora_path)]) == set(case.unused)
     for key in case.unused:
         assert key in err, err
-    from safetensors.torch import load_file
-
     out = load_file(str(out_path))
     want = {k: comfy.lora.calculate_weight([(1.0, p, 1.0, None, None)], base[k].float().clone(), k)
             for k, p in comfy.lora.load_lora(case.tensors, key_map, log_missing=False).items()}
