@@ -132,7 +132,8 @@ def build_corpus(model: Any, clip: Any) -> list[Case]:
     te = lambda m: "te." + m  # noqa: E731 (shape lookups of text-encoder modules)
     cases: list[Case] = []
 
-    def lora_te(name: str, m: str, up_s: str = ".lora_up.weight", down_s: str = ".lora_down.weight", alpha: Tensor | None = None) -> dict[str, Tensor]:
+    def lora_te(name: str, m: str, up_s: str = ".lora_up.weight", down_s: str = ".lora_down.weight",
+                alpha: Tensor | None = None) -> dict[str, Tensor]:
         return mk.lora(name, te(m), 4, up_s, down_s, alpha)
 
     a0 = lambda v: torch.tensor(float(v))  # noqa: E731  0-d float alpha
@@ -177,7 +178,8 @@ def build_corpus(model: Any, clip: Any) -> list[Case]:
          **lora_te(n.te(TE_Q, "diffusers"), TE_Q, ".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight")}
     cases.append(Case("diffusers-processor", t))
     # ComfyUI-native names, int alpha, mixed dtypes (bf16 up with fp16 down; fp32 text encoder).
-    t = {**mk.lora(n.native(Q), Q, 4, alpha=ai(4), dtype=torch.bfloat16), **mk.lora(n.native(CONV_OUT), CONV_OUT, 2, alpha=ai(1), dtype=torch.float16),
+    t = {**mk.lora(n.native(Q), Q, 4, alpha=ai(4), dtype=torch.bfloat16),
+         **mk.lora(n.native(CONV_OUT), CONV_OUT, 2, alpha=ai(1), dtype=torch.float16),
          **lora_te(n.te(TE_Q, "native"), TE_Q, alpha=ai(2))}
     cases.append(Case("native-mixed-dtypes", t, tol=1e-2))
     # bf16 throughout (the output keeps bf16).

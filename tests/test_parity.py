@@ -37,8 +37,12 @@ def host(comfyui: Any) -> tuple[Any, Any, list[Case]]:
 
 
 CASE_NAMES = ["kohya-ldm", "kohya-diffusers", "peft", "peft-default", "peft-prefixed", "diffusers-lora-up", "diffusers-processor",
-              "native-mixed-dtypes", "kohya-bf16", "flattened-factor-layouts", "rank-above-min", "lycoris-locon-tucker", "loha", "lycoris-tucker-loha-lokr", "lokr", "dora", "diff-and-norms",
-              "unknown-keys"]
+              "native-mixed-dtypes", "kohya-bf16", "flattened-factor-layouts", "rank-above-min", "lycoris-locon-tucker", "loha",
+              "lycoris-tucker-loha-lokr", "lokr", "dora", "diff-and-norms", "unknown-keys"]
+
+
+def test_every_corpus_case_is_run(host: tuple[Any, Any, list[Case]]) -> None:
+    assert sorted(c.name for c in host[2]) == sorted(CASE_NAMES)
 
 
 def _case(host: tuple[Any, Any, list[Case]], name: str) -> Case:
@@ -183,7 +187,8 @@ def test_rank_above_min_matches_the_dense_reference_and_is_written_at_most_min_m
             ref = reference_transfer(delta, ws_m, wt_m, min(k, min(ws_m.shape) - 1), "prolora-full")  # k ≤ min(m, n) − 1
             o_up, o_down = out[f"diffusion_model.{module}.lora_up.weight"], out[f"diffusion_model.{module}.lora_down.weight"]
             rank_out = o_down.shape[0]
-            got = float(out[f"diffusion_model.{module}.alpha"]) / rank_out * (o_up.double().reshape(w_s.shape[0], -1) @ o_down.double().reshape(rank_out, -1)).numpy()
+            product = o_up.double().reshape(w_s.shape[0], -1) @ o_down.double().reshape(rank_out, -1)
+            got = float(out[f"diffusion_model.{module}.alpha"]) / rank_out * product.numpy()
             assert rel_err(got, ref) <= 1e-5, (module, out_rank, rel_err(got, ref))
             assert rank_out == (min(ref.shape) if out_rank and r > out_rank else r), (module, out_rank, rank_out)
 
