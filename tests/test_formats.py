@@ -95,6 +95,12 @@ def make_format(fmt: str, ws: dict[str, Tensor], seed: int = 3) -> dict[str, Ten
         for name, (m, n) in ((Q, (24, 40)), (CONV, (12, 54))):
             t.update({f"{name}.hada_w1_a": _t(rng, m, 2), f"{name}.hada_w1_b": _t(rng, 2, n), f"{name}.hada_w2_a": _t(rng, m, 2),
                       f"{name}.hada_w2_b": _t(rng, 2, n), f"{name}.alpha": torch.tensor(4.0)})
+    elif fmt == "loha-tucker":  # CP cores on the 3×3 conv: w_a [r, out], w_b [r, in], t [r, r, kh, kw]; plain LoHa on to_q
+        t.update({f"{CONV}.hada_w1_a": _t(rng, 2, 12), f"{CONV}.hada_w1_b": _t(rng, 2, 6), f"{CONV}.hada_t1": _t(rng, 2, 2, 3, 3),
+                  f"{CONV}.hada_w2_a": _t(rng, 2, 12), f"{CONV}.hada_w2_b": _t(rng, 2, 6), f"{CONV}.hada_t2": _t(rng, 2, 2, 3, 3),
+                  f"{CONV}.alpha": torch.tensor(1.0)})
+        t.update({f"{Q}.hada_w1_a": _t(rng, 24, 2), f"{Q}.hada_w1_b": _t(rng, 2, 40), f"{Q}.hada_w2_a": _t(rng, 24, 2),
+                  f"{Q}.hada_w2_b": _t(rng, 2, 40)})
     elif fmt == "lokr":
         t.update({f"{Q}.lokr_w1": _t(rng, 4, 5), f"{Q}.lokr_w2_a": _t(rng, 6, 2), f"{Q}.lokr_w2_b": _t(rng, 2, 8), f"{Q}.alpha": torch.tensor(3.0)})
         t.update({f"{FF}.lokr_w1_a": _t(rng, 4, 1), f"{FF}.lokr_w1_b": _t(rng, 1, 3), f"{FF}.lokr_w2": _t(rng, 10, 8), f"{FF}.alpha": torch.tensor(0.5)})
@@ -114,8 +120,8 @@ def make_format(fmt: str, ws: dict[str, Tensor], seed: int = 3) -> dict[str, Ten
     return t
 
 
-FORMATS = ["locon-tucker", "loha", "lokr", "dora", "diff"]
-REFACTORED = {"loha", "lokr", "dora"}  # hold LoHa/LoKr modules: re-factored into LoRAs
+FORMATS = ["locon-tucker", "loha", "loha-tucker", "lokr", "dora", "diff"]
+REFACTORED = {"loha", "loha-tucker", "lokr", "dora"}  # hold LoHa/LoKr modules: re-factored into LoRAs
 
 
 def dense_update(t: dict[str, Tensor], name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -135,6 +141,9 @@ def dense_update(t: dict[str, Tensor], name: str, shape: tuple[int, ...]) -> np.
     if "lora_up.weight" in g:
         r = g["lora_down.weight"].shape[0]
         return scale(r) * g["lora_up.weight"].reshape(m, r) @ g["lora_down.weight"].reshape(r, -1)
+    if "hada_t1" in g:  # m[p, r, k, l] = Σ t[i, j, k, l] b[j, r] a[i, p]
+        m1, m2 = (np.einsum("ijkl,jr,ip->prkl", g[f"hada_t{i}"], g[f"hada_w{i}_b"], g[f"hada_w{i}_a"]) for i in (1, 2))
+        return scale(g["hada_w1_b"].shape[0]) * (m1 * m2).reshape(m, -1)
     if "hada_w1_a" in g:
         return scale(g["hada_w1_b"].shape[0]) * (g["hada_w1_a"] @ g["hada_w1_b"]) * (g["hada_w2_a"] @ g["hada_w2_b"])
     w1 = g["lokr_w1"] if "lokr_w1" in g else g["lokr_w1_a"] @ g["lokr_w1_b"]
