@@ -120,15 +120,6 @@ class LoraFile:
         """The keys no module uses, sorted."""
         return sorted(self.unused)
 
-    def unused_lines(self, limit: int | None = None) -> list[str]:
-        """``"key: reason"`` per unused key (sorted; at most ``limit``, then a count of the rest)."""
-        keys = self.unknown_keys
-        shown = keys if limit is None else keys[:limit]
-        lines = [f"{k}: {self.unused[k]}" for k in shown]
-        if len(keys) > len(shown):
-            lines.append(f"… and {len(keys) - len(shown)} more")
-        return lines
-
 
 #: Why a key is not used, when its name ends in no suffix ComfyUI's loader reads.
 NOT_READ = "not a part ComfyUI's LoRA loader reads (ComfyUI would log 'lora key not loaded' and skip it)"
