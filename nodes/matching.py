@@ -153,7 +153,7 @@ def project_lora_model(lora_in: dict, match: MatchHandle, config: TransferConfig
                                source=match.source.parts[part], target=match.target.parts.get(part))
         tensors.update(res.tensors)
         results.append(res)
-    meta = output_metadata(_merged(lora, tensors, results), match.source.label, match.target.label, config)
+    meta = output_metadata(_merged(lora, tensors, results), match.source.label, match.target.label, config, match.target.family)
     meta["prolora.unmapped_modules"] = str(len(unmapped))
     return LoraModel(tensors, meta, save_names, None, projection=tuple(m for r in results for m in r.modules)), results
 
