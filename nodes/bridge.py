@@ -44,9 +44,13 @@ class LoraModel(dict):
         self._parsed: tuple[tuple, LoraFile] | None = None
 
     def _fingerprint(self) -> tuple:
-        """What the parse depends on: each key with its tensor *object* and in-place version counter
-        (held by reference, so an id can never be reused while cached), the metadata and the file."""
-        return (tuple((k, t, t._version) for k, t in self.items()), tuple(sorted(self.metadata.items())), self.source_file)
+        """What the parse depends on: each key with its tensor *object* (held by reference, so an id
+        can never be reused while cached) and in-place version counter, the metadata and the file.
+        Inference tensors (made under ``torch.inference_mode``, as ComfyUI runs nodes) have no
+        version counter: for them a replaced tensor is detected, an in-place edit is not — nodes
+        never edit their inputs in place (ComfyUI hands one output to every consumer)."""
+        return (tuple((k, t, -1 if t.is_inference() else t._version) for k, t in self.items()),
+                tuple(sorted(self.metadata.items())), self.source_file)
 
     def parsed(self, parse: Callable[["LoraModel"], LoraFile]) -> LoraFile:
         """``parse(self)``, computed once while the tensors, metadata and file stay the same (a

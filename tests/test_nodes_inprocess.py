@@ -412,3 +412,19 @@ def test_a_lora_model_is_parsed_once_and_again_after_a_change(nodes_by_id: dict[
     fresh = bridge.LoraModel({k: t.clone() for k, t in lora.items()}, {"ss_output_name": "style"})
     outs = [_run(nodes_by_id, "ProLoRAProjectLoRA", lora=x, match=match, mode="copy", out_rank=0, rescale_to_source_norm=False)[0] for x in (lora, fresh)]
     assert set(outs[0]) == set(outs[1]) and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])  # Project LoRA saw the change
+
+
+def test_a_lora_model_of_inference_tensors_is_parsed_once_too(pack: Any) -> None:
+    """ComfyUI runs nodes under ``torch.inference_mode``: the tensors of a loaded LoRA then have no
+    version counter; the parse is still kept, and a replaced tensor still parses again."""
+    matching, bridge = _module(pack, "nodes.matching"), _module(pack, "nodes.bridge")
+    src = comfy_host.tiny_sd15_model(0)
+    with torch.inference_mode():
+        lora = bridge.LoraModel({k: t.clone() for k, t in _kohya_lora(src).items()})
+        assert all(t.is_inference() for t in lora.values())
+        first = matching.parse_lora_model(lora)
+        assert matching.parse_lora_model(lora) is first
+        name = "lora_unet_" + MODULES[0].replace(".", "_")
+        lora[f"{name}.lora_up.weight"] = 3 * lora[f"{name}.lora_up.weight"]
+        again = matching.parse_lora_model(lora)
+        assert again is not first and torch.allclose(again.modules[name].update.dense(), 3 * first.modules[name].update.dense())
