@@ -1,8 +1,8 @@
 """The glue between ComfyUI objects and the engine's match/project phases (no math here)."""
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,38 +14,46 @@ from ..prolora_core.lora import LoraFile, parse_state_dict
 from ..prolora_core.names import name_style
 from ..prolora_core.provenance import output_metadata
 from ..prolora_core.transfer import ModuleMatch, Planned, TransferConfig, TransferResult, check_fits, match_modules, project_loras
-from .bridge import BasisHandle, LoraModel, check_interrupt, native_module, progress
+from .bridge import BasisHandle, LoraModel, ReadOnlyDict, check_interrupt, native_module, progress
 
 
-@dataclass
+@dataclass(frozen=True)
 class MatchHandle:
-    """What **Match Modules** gives: per model part, each source weight's match (target weight, Φ, bases)."""
+    """What **Match Modules** gives: per model part, each source weight's match (target weight, Φ, bases).
+
+    Immutable: ComfyUI caches node outputs and gives the same object to every consumer and to later
+    runs, so nodes that need more modules matched (Project LoRA with another LoRA) call
+    :meth:`extended`, which returns a new handle and leaves this one as Match Modules returned it.
+    """
 
     source: BasisHandle
     target: BasisHandle
     config: TransferConfig
-    matches: dict[str, dict[str, ModuleMatch]] = field(default_factory=dict)
-    unmapped: list[str] = field(default_factory=list)
+    matches: Mapping[str, Mapping[str, ModuleMatch]] = field(default_factory=lambda: ReadOnlyDict())
+    unmapped: tuple[str, ...] = ()
     svd_computed: int = 0
     bases_from_cache: int = 0
 
-    def ensure(self, part: str, keys: list[str], pair_only: Collection[str] = ()) -> None:
-        """Match the source weights in ``keys`` that are not matched yet (``pair_only``: by name
-        alone, no basis: weights that only carry 1-D parts); a weight matched that way earlier is
-        matched again when it now needs its bases."""
-        have = self.matches.setdefault(part, {})
+    def extended(self, part: str, keys: list[str], pair_only: Collection[str] = ()) -> MatchHandle:
+        """A handle that also matches the source weights in ``keys`` not matched yet (``pair_only``:
+        by name alone, no basis: weights that only carry 1-D parts); a weight matched that way
+        earlier is matched again when it now needs its bases. Returns ``self`` when nothing is new.
+
+        Raises ProLoRAError when ``part`` is touched but the target basis has no such part.
+        """
+        have = self.matches.get(part, {})
         src, tgt = self.source.parts[part], self.target.parts.get(part)
         todo = [k for k in dict.fromkeys(keys)
                 if k not in have or (have[k].basis_free and k not in pair_only and len(src.shape(k)) >= 2)]
         if not todo:
-            return
+            return self
         if tgt is None:
             raise ProLoRAError(f"the LoRA touches the {part} but the target basis was computed without it (connect a CLIP to Compute Basis)")
-        cache = self.source.cache()
-        found, stats = match_modules(todo, src, tgt, self.config, cache, progress(len(todo)), check_interrupt, pair_only)
-        have.update(found)
-        self.svd_computed += stats.svd_computed
-        self.bases_from_cache += stats.bases_from_cache
+        found, stats = match_modules(todo, src, tgt, self.config, self.source.cache(), progress(len(todo)), check_interrupt, pair_only)
+        matches = dict(self.matches)
+        matches[part] = ReadOnlyDict({**have, **found})
+        return replace(self, matches=ReadOnlyDict(matches), svd_computed=self.svd_computed + stats.svd_computed,
+                       bases_from_cache=self.bases_from_cache + stats.bases_from_cache)
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per matched source weight, for reports and the web panel."""
@@ -108,7 +116,18 @@ def plan_lora(lora: LoraFile, handle: BasisHandle) -> tuple[dict[str, list[Plann
 
 def parse_lora_model(lora: dict, label: str = "<LORA_MODEL>") -> LoraFile:
     """A ``LORA_MODEL`` as the engine's :class:`LoraFile`, after ComfyUI's own format conversion
-    (``comfy.lora_convert.convert_lora``, as core ``load_lora_for_models`` does)."""
+    (``comfy.lora_convert.convert_lora``, as core ``load_lora_for_models`` does).
+
+    A :class:`LoraModel` (what the pack's Load LoRA and Project LoRA give) is parsed once and the
+    result kept on it (:meth:`LoraModel.parsed`: a changed tensor parses again); a plain ``dict``
+    (e.g. from core training nodes) is parsed on every call.
+    """
+    if isinstance(lora, LoraModel):
+        return lora.parsed(lambda lm: _parse(lm, label))
+    return _parse(lora, label)
+
+
+def _parse(lora: dict, label: str) -> LoraFile:
     meta = getattr(lora, "metadata", None)
     src = getattr(lora, "source_file", None)
     return parse_state_dict(comfy.lora_convert.convert_lora(dict(lora)), Path(src) if src else Path(label), meta)
@@ -138,7 +157,7 @@ def project_lora_model(lora_in: dict, match: MatchHandle, config: TransferConfig
     results: list[TransferResult] = []
     for part, plan in plans.items():
         keys = [p.source_key for p in plan if p.source_key]
-        match.ensure(part, keys, set(keys) - {p.source_key for p in plan if p.module.update is not None})
+        match = match.extended(part, keys, set(keys) - {p.source_key for p in plan if p.module.update is not None})
         inverse = _inverse(match.target.key_maps.get(part, {}))
 
         def name(p: Planned, m: ModuleMatch, part: str = part, inverse: dict = inverse) -> str:
@@ -150,9 +169,10 @@ def project_lora_model(lora_in: dict, match: MatchHandle, config: TransferConfig
                                source=match.source.parts[part], target=match.target.parts.get(part))
         tensors.update(res.tensors)
         results.append(res)
-    meta = output_metadata(_merged(lora, tensors, results), match.source.label, match.target.label, config)
+    meta = output_metadata(_merged(lora, tensors, results), match.source.label, match.target.label, config, match.target.family)
     meta["prolora.unmapped_modules"] = str(len(unmapped))
-    return LoraModel(tensors, meta, save_names, None, unused_lines(lora, unmapped)), results
+    return LoraModel(tensors, meta, save_names, None, unused_lines(lora, unmapped),
+                     projection=tuple(m for r in results for m in r.modules)), results
 
 
 def _merged(lora: LoraFile, tensors: dict, results: list[TransferResult]) -> TransferResult:

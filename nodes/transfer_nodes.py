@@ -5,8 +5,10 @@ from dataclasses import replace
 
 from comfy_api.latest import io
 
+from ..prolora_core.errors import ProLoRAError
 from ..prolora_core.projection import MODES
 from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, TransferConfig, overall_norm_ratio
+from .blocks import with_blocks
 from .bridge import UNET, build_handle
 from .matching import MatchHandle, all_weight_keys, parse_lora_model, plan_lora, project_lora_model, unused_lines
 
@@ -28,9 +30,12 @@ class ComputeBasis(io.ComfyNode):
                 io.Model.Input("model", tooltip="The diffusion model (source: the one the LoRA was trained on; target: the one to move it to)."),
                 io.Clip.Input("clip", optional=True, tooltip="Optional text encoder, needed to transfer a LoRA's text-encoder part."),
                 io.Int.Input("subspace_rank", default=0, min=0, max=4096, tooltip="k, the subspace dimension. 0 = auto: min(64, min(m, n)/4) per module, "
-                             "so that the chance level k/d of the similarity stays ≤ 0.25."),
-                io.Combo.Input("device", options=["auto", "cpu", "cuda"], default="auto", tooltip="Where SVDs run; auto = ComfyUI's GPU when it is CUDA."),
-                io.Boolean.Input("use_cache", default=True, tooltip="Keep bases on disk (ComfyUI user folder) so later runs compute no SVD."),
+                             "so that the chance level k/d of the similarity stays ≤ 0.25. Source and target Compute Basis must agree "
+                             "(Match Modules refuses a pair that differs)."),
+                io.Combo.Input("device", options=["auto", "cpu", "cuda"], default="auto", tooltip="Where SVDs run; auto = ComfyUI's GPU when it is CUDA. "
+                               "Source and target Compute Basis must agree."),
+                io.Boolean.Input("use_cache", default=True, tooltip="Keep bases on disk (ComfyUI user folder) so later runs compute no SVD. "
+                                 "Source and target Compute Basis must agree."),
                 io.String.Input("name", default="", optional=True, tooltip="Name of the model in reports and in the provenance of saved LoRAs "
                                 "(e.g. the checkpoint's file name); empty = the model type."),
             ],
@@ -48,10 +53,12 @@ class MatchModules(io.ComfyNode):
         return io.Schema(
             node_id=f"{PREFIX}MatchModules", display_name="Match Modules (ProLoRA)", category=CATEGORY,
             description="Pairs each source module with its target module and measures their subspace similarity Φ; "
-                        "modules below the threshold are not transferred.",
+                        "modules below the threshold are not transferred. Both bases are computed with one subspace rank, device and "
+                        "cache setting: the two Compute Basis nodes must agree on them, otherwise this node stops and names the difference.",
             inputs=[
                 Basis.Input("source_basis", tooltip="Basis of the model the LoRA was trained on."),
-                Basis.Input("target_basis", tooltip="Basis of the model to transfer the LoRA to."),
+                Basis.Input("target_basis", tooltip="Basis of the model to transfer the LoRA to (same subspace_rank, device and use_cache "
+                            "as the source's Compute Basis)."),
                 LoraModelType.Input("lora", optional=True, tooltip="Restrict the work to the modules this LoRA touches (recommended). "
                                     "Without it, every module is matched."),
                 io.Float.Input("threshold", default=DEFAULT_THRESHOLD, min=0.0, max=1.0, step=0.01,
@@ -67,6 +74,10 @@ class MatchModules(io.ComfyNode):
 
     @classmethod
     def execute(cls, source_basis, target_basis, threshold: float, pairing: str, lora=None) -> io.NodeOutput:
+        differ = source_basis.settings_differ(target_basis)
+        if differ:
+            raise ProLoRAError("the two Compute Basis nodes must use the same settings, because both bases are computed, cached and "
+                               f"compared with one setting; they differ in {'; '.join(differ)}")
         config = TransferConfig(subspace_rank=source_basis.subspace_rank, threshold=threshold, pairing=pairing,
                                 device=source_basis.device, basis=source_basis.settings)
         match = MatchHandle(source_basis, target_basis, config)
@@ -74,18 +85,18 @@ class MatchModules(io.ComfyNode):
         if lora is not None:
             parsed = parse_lora_model(lora)
             plans, unmapped = plan_lora(parsed, source_basis)
-            match.unmapped = unmapped
+            match = replace(match, unmapped=tuple(unmapped))
             unused = unused_lines(parsed, unmapped)
             for part, plan in plans.items():
-                match.ensure(part, [p.source_key for p in plan if p.source_key])
+                match = match.extended(part, [p.source_key for p in plan if p.source_key])
         else:
             for part in source_basis.parts:
                 if part in target_basis.parts:
-                    match.ensure(part, all_weight_keys(source_basis, part))
-        rows = match.rows()
+                    match = match.extended(part, all_weight_keys(source_basis, part))
+        rows = with_blocks(match.rows())
         ui = {"prolora_match": [{
             "threshold": threshold, "pairing": pairing, "modules": len(rows), "passing": sum(r["passes"] for r in rows),
-            "rows": rows, "unmapped": match.unmapped, "unused": unused,
+            "rows": rows, "unmapped": list(match.unmapped), "unused": unused,
         }]}
         return io.NodeOutput(match, "\n".join([match.summary(), *unused]), ui=ui)
 

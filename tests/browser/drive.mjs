@@ -83,6 +83,8 @@ try {
     return {
       passing: f("passing"), modules: f("modules"), threshold: f("threshold"), skipped: f("skipped"), pairing: f("pairing"),
       strip_cells: el.querySelectorAll(".prolora-strip .cell").length,
+      strip_blocks: [...el.querySelectorAll(".prolora-strip .cell")].map((c) => c.dataset.block),
+      strip_gaps: el.querySelectorAll(".prolora-strip .sep").length,
       rows: [...el.querySelectorAll("tbody tr")].map((tr) => ({ source: tr.dataset.source, cls: tr.className,
         status: tr.querySelector(".status").textContent })),
       visible: rect.width > 50 && rect.height > 50 && getComputedStyle(el).visibility !== "hidden", width: rect.width, height: rect.height,
