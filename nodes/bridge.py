@@ -16,6 +16,7 @@ import torch
 
 from ..prolora_core.basis import BasisSettings
 from ..prolora_core.cache import BasisCache
+from ..prolora_core.slices import SlicedWeights, place_key
 from ..prolora_core.weights import content_key_of_tensor
 
 UNET, CLIP = "unet", "clip"
@@ -109,8 +110,8 @@ class BasisHandle:
     Modules**, only for the modules a LoRA touches."""
 
     label: str
-    parts: dict[str, PatcherWeights]
-    key_maps: dict[str, dict[str, str]]
+    parts: dict[str, SlicedWeights]  # PatcherWeights that also serve slices of fused weights
+    key_maps: dict[str, dict[str, Any]]  # ComfyUI's: LoRA module → weight key, or (key, (dim, start, length))
     subspace_rank: int | None
     device: str
     settings: BasisSettings
@@ -121,10 +122,13 @@ class BasisHandle:
         return BasisCache(self.cache_dir, self.settings) if self.cache_dir is not None else None
 
     def locate(self, lora_module: str) -> tuple[str, str] | None:
-        """``(part, weight key)`` of a LoRA module name, through ComfyUI's key maps."""
+        """``(part, weight key)`` of a LoRA module name, through ComfyUI's key maps. A module ComfyUI
+        applies to a slice of a fused weight (``(key, (dim, start, length))``, e.g. Flux's ``to_q`` →
+        rows of ``img_attn.qkv``) gets the slice's virtual key (``prolora_core.slices``)."""
         for part, km in self.key_maps.items():
-            if lora_module in km and km[lora_module] in self.parts[part]._sd:
-                return part, km[lora_module]
+            key = place_key(km[lora_module]) if lora_module in km else None
+            if key is not None and self.parts[part].has(key):
+                return part, key
         return None
 
 
@@ -132,10 +136,10 @@ def build_handle(model: Any, clip: Any | None, subspace_rank: int | None, device
     """A :class:`BasisHandle` for a ``MODEL`` (and optional ``CLIP``); ``label`` names it in reports
     and in the provenance of saved LoRAs (default: the model's type)."""
     label = label.strip() or _model_label(model)
-    parts = {UNET: PatcherWeights(model, label)}
-    key_maps = {UNET: comfy.lora.model_lora_keys_unet(model.model, {})}
+    parts = {UNET: SlicedWeights(PatcherWeights(model, label))}
+    key_maps = {UNET: comfy.lora.model_lora_keys_unet(model.model, {})}  # the model's class picks the family's map
     if clip is not None:
-        parts[CLIP] = PatcherWeights(clip.patcher, label + ":clip")
+        parts[CLIP] = SlicedWeights(PatcherWeights(clip.patcher, label + ":clip"))
         key_maps[CLIP] = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
     return BasisHandle(
         label=label, parts=parts, key_maps=key_maps, subspace_rank=subspace_rank,

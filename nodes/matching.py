@@ -11,8 +11,10 @@ import comfy.lora_convert
 from ..prolora_core.errors import ProLoRAError
 from ..prolora_core.linalg import matrix_shape
 from ..prolora_core.lora import LoraFile, parse_state_dict
+from ..prolora_core.modulation import modulation_line
 from ..prolora_core.names import name_style
 from ..prolora_core.provenance import output_metadata
+from ..prolora_core.slices import WeightSlice
 from ..prolora_core.transfer import ModuleMatch, Planned, TransferConfig, TransferResult, check_fits, match_modules, project_loras
 from .bridge import BasisHandle, LoraModel, check_interrupt, native_module, progress
 
@@ -78,11 +80,16 @@ class MatchHandle:
         phis = [min(r["phi_u"], r["phi_v"]) for r in rows if r["phi_u"] is not None]
         if phis:
             lines.append(f"Φ (min of U/V): min {min(phis):.3f}, median {sorted(phis)[len(phis) // 2]:.3f}, max {max(phis):.3f}")
+        group = modulation_line((r["source"], None if r["phi_u"] is None else min(r["phi_u"], r["phi_v"]), r["passes"], r["target"] is not None)
+                                for r in rows)
+        if group:
+            lines.append(group)
         return "\n".join(lines)
 
 
 def plan_lora(lora: LoraFile, handle: BasisHandle) -> tuple[dict[str, list[Planned]], list[str]]:
-    """Per model part, the LoRA's modules placed on the source model's weights (ComfyUI's key maps)."""
+    """Per model part, the LoRA's modules placed on the source model's weights, or on slices of
+    fused weights (virtual keys), through ComfyUI's key maps."""
     plans: dict[str, list[Planned]] = {}
     unmapped: list[str] = []
     for mod in lora.modules.values():
@@ -126,6 +133,9 @@ def project_lora_model(lora_in: dict, match: MatchHandle, config: TransferConfig
         inverse = _inverse(match.target.key_maps.get(part, {}))
 
         def name(p: Planned, m: ModuleMatch, part: str = part, inverse: dict = inverse) -> str:
+            if WeightSlice.parse(m.target_key) is not None:  # type: ignore[arg-type]  # a slice has no native name: the LoRA's own
+                save_names[p.module.name] = p.module.name
+                return p.module.name
             native = native_module(part, m.target_key)  # type: ignore[arg-type]
             save_names[native] = p.module.name if not m.repaired else _same_style(p.module.name, inverse.get(m.target_key, []), native)  # type: ignore[arg-type]
             return native
