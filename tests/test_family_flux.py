@@ -256,3 +256,38 @@ def test_chroma_target_reports_modulation_layers_not_in_target_and_transfers_the
                                       default_k(*delta.shape), "prolora-full")
         got = (after[key] - before[key])[rows].double().numpy()
         assert np.linalg.norm(got - expected) <= 1e-4 * np.linalg.norm(expected), name
+
+
+# --------------------------------------------------------------------------------------
+# The files node: ComfyUI's key map from a real model object on the meta device
+# --------------------------------------------------------------------------------------
+
+def test_files_node_transfers_a_diffusers_flux_lora_on_slices(nodes_by_id: dict[str, Any], flux_pair: tuple[Any, Any], comfy_dirs: Any,
+                                                               tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import folder_paths
+    from safetensors.torch import load_file, save_file
+
+    src, tgt = flux_pair
+    models = tmp_path / "models"
+    comfy_host.save_model_state(src, models / "diffusion_models" / "flux_src.safetensors")
+    comfy_host.save_model_state(tgt, models / "diffusion_models" / "flux_tgt.safetensors")
+    lora = make_lora(src, "diffusers", seed=6)
+    (models / "loras").mkdir(parents=True)
+    save_file(lora, str(models / "loras" / "flux_style.safetensors"))
+    for folder in ("diffusion_models", "loras"):
+        folder_paths.add_model_folder_path(folder, str(models / folder), is_default=True)
+    try:
+        names, report = _run(nodes_by_id, "ProLoRATransferLoRAFiles", source_model="diffusion_models/flux_src.safetensors",
+                             target_model="diffusion_models/flux_tgt.safetensors", lora_name="flux_style.safetensors", more_loras="",
+                             mode="copy", subspace_rank=0, threshold=0.0, pairing="name", suffix="_copy", device="cpu")
+    finally:
+        for folder in ("diffusion_models", "loras"):
+            folder_paths.folder_names_and_paths[folder][0].remove(str(models / folder))
+    assert f"{len(DIFFUSERS)}/{len(DIFFUSERS)} transferred" in report, report
+    out = load_file(str(models / "loras" / names.strip()))
+    assert {PREFIX_D + "attn.to_q.lora_up.weight", PREFIX_S + "proj_mlp.lora_down.weight"} <= set(out), sorted(out)[:6]
+    with caplog.at_level(logging.WARNING):
+        want, got = applied(tgt, lora), applied(tgt, out)
+    no_key_warnings(caplog)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
