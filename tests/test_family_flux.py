@@ -291,3 +291,63 @@ def test_files_node_transfers_a_diffusers_flux_lora_on_slices(nodes_by_id: dict[
     no_key_warnings(caplog)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------
+# Slices in the core, the basis cache, similarity pairing
+# --------------------------------------------------------------------------------------
+
+def test_a_slice_is_a_weight_of_its_own() -> None:
+    from prolora_core.errors import ProLoRAError
+    from prolora_core.slices import SlicedWeights, WeightSlice, place_key
+    from prolora_core.weights import content_key_of_tensor
+
+    class Dict:  # a WeightSource over an in-memory dict (the slice wrapper is what is tested)
+        label = "dict"
+
+        def __init__(self, sd: dict[str, torch.Tensor]) -> None:
+            self.sd = sd
+
+        def keys(self) -> list[str]:
+            return list(self.sd)
+
+        def shape(self, key: str) -> tuple[int, ...]:
+            return tuple(self.sd[key].shape)
+
+        def get(self, key: str) -> torch.Tensor:
+            return self.sd[key]
+
+        def content_key(self, key: str) -> str:
+            return content_key_of_tensor(self.sd[key])
+
+    qkv = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
+    w = SlicedWeights(Dict({"b.qkv.weight": qkv, "a.q.weight": qkv[4:8].clone()}))
+    k = place_key(("b.qkv.weight", (0, 4, 4)))
+    assert k == "b.qkv.weight[0:4:4]" and WeightSlice.parse(k) == WeightSlice("b.qkv.weight", 0, 4, 4)
+    assert place_key("a.q.weight") == "a.q.weight" and place_key(("a.q.weight", None)) == "a.q.weight"
+    assert place_key(("b.qkv.weight", None, lambda t: t)) is None  # a function on the update: not served
+    assert w.shape(k) == (4, 4) and torch.equal(w.get(k), qkv[4:8]) and w.keys() == ["b.qkv.weight", "a.q.weight"]
+    assert w.content_key(k) == w.content_key("a.q.weight") != w.content_key("b.qkv.weight[0:0:4]")  # keyed by content
+    assert w.has(k) and not w.has("b.qkv.weight[0:10:4]") and not w.has("c.weight[0:0:1]")
+    with pytest.raises(ProLoRAError, match="does not fit the weight"):
+        w.get("b.qkv.weight[0:10:4]")
+    assert w.shape("b.qkv.weight[1:1:2]") == (12, 2)
+
+
+def test_slice_bases_come_from_the_cache_on_a_second_run_and_similarity_pairing_keeps_slices(
+        nodes_by_id: dict[str, Any], flux_pair: tuple[Any, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROLORA_CACHE_DIR", str(tmp_path / "cache"))
+    src, tgt = flux_pair
+    lora = make_lora(src, "diffusers", seed=7)
+    summaries = []
+    for pairing in ("name", "name", "similarity"):
+        (bs,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=src, subspace_rank=0, device="cpu", use_cache=True)
+        (bt,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=tgt, subspace_rank=0, device="cpu", use_cache=True)
+        match, summary = _run(nodes_by_id, "ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=lora, threshold=0.0, pairing=pairing)
+        summaries.append((match, summary))
+    n = 2 * len(DIFFUSERS)  # one basis per module on each side: every slice is a weight of its own
+    assert f"bases computed: {n}, from cache: 0" in summaries[0][1], summaries[0][1]
+    assert f"bases computed: 0, from cache: {n}" in summaries[1][1], summaries[1][1]
+    rows = {r["source"]: r["target"] for r in summaries[2][0].rows()}
+    qkv = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    assert rows[f"{qkv}[0:0:64]"] == f"{qkv}[0:0:64]" and rows[f"{qkv}[0:128:64]"] == f"{qkv}[0:128:64]"
