@@ -1,14 +1,15 @@
 """Flux.1 and Chroma through the nodes (Compute Basis → Match Modules → Project LoRA), on tiny models
 built from ComfyUI's own classes (``supported_models.Flux`` / ``Chroma``, tests/comfy_host.py).
 
-Two LoRA layouts people publish for Flux:
+LoRA layouts people publish for Flux:
 
 * diffusers/PEFT (ai-toolkit, SimpleTuner): ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``,
   separate q/k/v that ComfyUI applies to row slices of the fused ``img_attn.qkv`` / single-block
   ``linear1`` weights, ``proj_mlp`` on the last rows of ``linear1``, ``norm1.linear`` on ``img_mod.lin``,
   no alpha;
 * kohya fused: ``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_single_blocks_0_linear1`` on
-  whole weights, with alpha.
+  whole weights, with alpha;
+* OneTrainer: the diffusers modules spelled ``lora_transformer_transformer_blocks_0_attn_to_q``, with alpha.
 
 Each: ``copy`` output applied by ComfyUI changes the target exactly as the input file does;
 ``prolora-full`` with target = source gives the input's change back; on a perturbed target every
@@ -39,7 +40,9 @@ KOHYA = [
     "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1", "lora_unet_double_blocks_0_img_mod_lin",
     "lora_unet_single_blocks_0_modulation_lin", "lora_unet_double_blocks_0_txt_mlp_0",
 ]
-LAYOUTS = {"diffusers": DIFFUSERS, "kohya": KOHYA}
+#: OneTrainer: the diffusers modules in kohya spelling (``lora_transformer_`` + underscores), with alpha.
+ONETRAINER = ["lora_transformer_" + n.removeprefix("transformer.").replace(".", "_") for n in DIFFUSERS]
+LAYOUTS = {"diffusers": DIFFUSERS, "kohya": KOHYA, "onetrainer": ONETRAINER}
 MODULATION_D = {PREFIX_D + "norm1.linear", PREFIX_S + "norm.linear"}
 RANK, KOHYA_ALPHA = 4, 2.0
 
@@ -131,7 +134,7 @@ def flux_pair(comfyui: Any) -> tuple[Any, Any]:
 # Flux → Flux
 # --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+@pytest.mark.parametrize("layout", ["diffusers", "kohya", "onetrainer"])
 def test_copy_output_applies_in_comfyui_exactly_as_the_input(nodes_by_id: dict[str, Any], flux_pair: tuple[Any, Any], layout: str,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     src, tgt = flux_pair
@@ -147,7 +150,7 @@ def test_copy_output_applies_in_comfyui_exactly_as_the_input(nodes_by_id: dict[s
     before = comfy_host.unet_weights(tgt)
     changed = {k for k in before if not torch.equal(before[k], want[k])}
     assert changed == {k for k in before if not torch.equal(before[k], got[k])}
-    assert len(changed) == (8 if layout == "diffusers" else 5)
+    assert len(changed) == (5 if layout == "kohya" else 8)
     for k in changed:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
 
@@ -164,7 +167,7 @@ def test_target_equal_to_source_gives_the_input_back(nodes_by_id: dict[str, Any]
 
 
 @pytest.mark.parametrize("mode", ["prolora-full", "prolora", "subspace"])
-@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+@pytest.mark.parametrize("layout", ["diffusers", "kohya", "onetrainer"])
 def test_each_slice_matches_the_dense_reference_with_its_own_bases(nodes_by_id: dict[str, Any], flux_pair: tuple[Any, Any],
                                                                    layout: str, mode: str) -> None:
     src, tgt = flux_pair
