@@ -124,9 +124,10 @@ class BasisHandle:
     def locate(self, lora_module: str) -> tuple[str, str] | None:
         """``(part, weight key)`` of a LoRA module name, through ComfyUI's key maps. A module ComfyUI
         applies to a slice of a fused weight (``(key, (dim, start, length))``, e.g. Flux's ``to_q`` →
-        rows of ``img_attn.qkv``) gets the slice's virtual key (``prolora_core.slices``)."""
+        rows of ``img_attn.qkv``) gets the slice's virtual key, one ComfyUI applies through
+        ``swap_scale_shift`` (diffusers' ``norm_out.linear``) the swapped view's (``prolora_core.slices``)."""
         for part, km in self.key_maps.items():
-            key = place_key(km[lora_module]) if lora_module in km else None
+            key = place_key(km[lora_module], comfy.utils.swap_scale_shift) if lora_module in km else None
             if key is not None and self.parts[part].has(key):
                 return part, key
         return None

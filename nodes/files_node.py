@@ -8,6 +8,7 @@ from pathlib import Path
 import comfy.lora
 import comfy.model_detection
 import comfy.supported_models
+import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import io
@@ -18,7 +19,7 @@ from ..prolora_core.lora import read_lora
 from ..prolora_core.projection import MODES
 from ..prolora_core.provenance import output_metadata
 from ..prolora_core.safetensors_io import atomic_save
-from ..prolora_core.slices import WeightSlice, place_key
+from ..prolora_core.slices import parse_place, place_key
 from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, Planned, TransferConfig, transfer
 from ..prolora_core.weights import SafetensorsWeights
 from .bridge import cache_dir, check_interrupt, engine_device, progress
@@ -50,7 +51,8 @@ def file_key_map(weights: SafetensorsWeights) -> dict[str, str]:
     built on a real model object of that class on the meta device (no weight memory), so every
     family branch of ``model_lora_keys_unet`` applies (Flux's q/k/v slices of the fused ``qkv``,
     SD3, …). Entries whose weight the file lacks, and targets the engine cannot serve (a function
-    applied to the update), are left out: their modules are reported unmapped."""
+    other than ``swap_scale_shift`` applied to the update), are left out: their modules are reported
+    unmapped."""
     meta_sd = {k: torch.empty(weights.shape(k), device="meta") for k in weights.keys()}
     prefix = comfy.model_detection.unet_prefix_from_state_dict(meta_sd)
     meta = weights.reader.header.metadata
@@ -69,8 +71,8 @@ def file_key_map(weights: SafetensorsWeights) -> dict[str, str]:
     file_keys = set(weights.keys())
     out: dict[str, str] = {}
     for name, target in comfy.lora.model_lora_keys_unet(model, {}).items():
-        place = place_key(target)
-        piece = WeightSlice.parse(place) if place is not None else None
+        place = place_key(target, comfy.utils.swap_scale_shift)
+        piece = parse_place(place) if place is not None else None
         whole = piece.key if piece is not None else place
         if whole is None or not whole.startswith("diffusion_model."):
             continue

@@ -14,7 +14,7 @@ from ..prolora_core.lora import LoraFile, parse_state_dict
 from ..prolora_core.modulation import modulation_line
 from ..prolora_core.names import name_style
 from ..prolora_core.provenance import output_metadata
-from ..prolora_core.slices import WeightSlice
+from ..prolora_core.slices import parse_place
 from ..prolora_core.transfer import ModuleMatch, Planned, TransferConfig, TransferResult, check_fits, match_modules, project_loras
 from .bridge import BasisHandle, LoraModel, check_interrupt, native_module, progress
 
@@ -133,7 +133,7 @@ def project_lora_model(lora_in: dict, match: MatchHandle, config: TransferConfig
         inverse = _inverse(match.target.key_maps.get(part, {}))
 
         def name(p: Planned, m: ModuleMatch, part: str = part, inverse: dict = inverse) -> str:
-            if WeightSlice.parse(m.target_key) is not None:  # type: ignore[arg-type]  # a slice has no native name: the LoRA's own
+            if parse_place(m.target_key) is not None:  # type: ignore[arg-type]  # a slice has no native name: the LoRA's own
                 save_names[p.module.name] = p.module.name
                 return p.module.name
             native = native_module(part, m.target_key)  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from .linalg import all_finite, cpu_fallback, matrix_shape, resolve_device, torc
 from .names import BaseIndex
 from .report import RunStats
 from .similarity import Similarity, basis_similarity
-from .slices import WeightSlice, with_slices
+from .slices import parse_place, with_slices
 from .weights import WeightSource
 
 def _weight_is_finite(w: Tensor) -> bool:
@@ -103,8 +103,8 @@ def match_modules(
     compares it with every target weight of the same shape and keeps the most similar one (this
     needs the bases of all those candidates: one basis per candidate, computed once per run).
     Keys in ``pair_only`` and 1-D weights are paired by name with no basis (``basis_free``).
-    A slice (virtual key, :mod:`.slices`) pairs by name with the same slice of the target's weight,
-    whatever ``config.pairing`` says.
+    A slice or swapped view (virtual key, :mod:`.slices`) pairs by name with the same part of the
+    target's weight, whatever ``config.pairing`` says.
     """
     with torch_threads(config.threads):
         return _match_modules(source_keys, source, target, config, cache, progress, check_interrupt, pair_only)
@@ -129,7 +129,7 @@ def _match_modules(source_keys: Sequence[str], source: WeightSource, target: Wei
         sshape = source.shape(skey)
         m, n = matrix_shape(sshape)
         name_key = _name_pair(skey, source_index, target_index, target)
-        by_name = config.pairing == "name" or WeightSlice.parse(skey) is not None
+        by_name = config.pairing == "name" or parse_place(skey) is not None
         same_shape = name_key is not None and matrix_shape(target.shape(name_key)) == (m, n)
         match = ModuleMatch(skey, None, name_key, config.rank_for(m, n))
         matches[skey] = match
@@ -161,7 +161,7 @@ def _match_modules(source_keys: Sequence[str], source: WeightSource, target: Wei
 def _name_pair(skey: str, source_index: BaseIndex, target_index: BaseIndex, target: WeightSource) -> str | None:
     """The target weight of the same name as ``skey``; for a slice, the same slice of it (``None``
     when the target's weight is too small to hold it)."""
-    s = WeightSlice.parse(skey)
+    s = parse_place(skey)
     if s is None:
         return target_index.find_bare(source_index.bare_name(skey))
     base = target_index.find_bare(source_index.bare_name(s.key))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .slices import WeightSlice
+from .slices import parse_place
 
 #: Module names (last components) of modulation layers, as base weights and as diffusers LoRA names.
 MODULATION_MODULES: tuple[str, ...] = (
@@ -23,7 +23,7 @@ MODULATION_MODULES: tuple[str, ...] = (
 
 def is_modulation(key: str) -> bool:
     """Whether a weight key (or slice key, or LoRA module name) names a modulation layer."""
-    s = WeightSlice.parse(key)
+    s = parse_place(key)
     name = (s.key if s is not None else key).removesuffix(".weight")
     return any(name == m or name.endswith("." + m) or name.endswith("_" + m.replace(".", "_")) for m in MODULATION_MODULES)
 

@@ -6,7 +6,7 @@ LoRA layouts people publish for Flux:
 * diffusers/PEFT (ai-toolkit, SimpleTuner): ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``,
   separate q/k/v that ComfyUI applies to row slices of the fused ``img_attn.qkv`` / single-block
   ``linear1`` weights, ``proj_mlp`` on the last rows of ``linear1``, ``norm1.linear`` on ``img_mod.lin``,
-  no alpha;
+  ``norm_out.linear`` on ``final_layer.adaLN_modulation.1`` with its row halves swapped, no alpha;
 * kohya fused: ``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_single_blocks_0_linear1`` on
   whole weights, with alpha;
 * OneTrainer: the diffusers modules spelled ``lora_transformer_transformer_blocks_0_attn_to_q``, with alpha.
@@ -34,7 +34,7 @@ DIFFUSERS = [
     PREFIX_D + "attn.to_q", PREFIX_D + "attn.to_k", PREFIX_D + "attn.to_v", PREFIX_D + "attn.add_k_proj",
     PREFIX_D + "attn.to_out.0", PREFIX_D + "ff.net.0.proj", PREFIX_D + "norm1.linear",
     PREFIX_S + "attn.to_q", PREFIX_S + "attn.to_k", PREFIX_S + "attn.to_v", PREFIX_S + "proj_mlp",
-    PREFIX_S + "norm.linear", PREFIX_S + "proj_out",
+    PREFIX_S + "norm.linear", PREFIX_S + "proj_out", "transformer.norm_out.linear",
 ]
 KOHYA = [
     "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1", "lora_unet_double_blocks_0_img_mod_lin",
@@ -43,7 +43,7 @@ KOHYA = [
 #: OneTrainer: the diffusers modules in kohya spelling (``lora_transformer_`` + underscores), with alpha.
 ONETRAINER = ["lora_transformer_" + n.removeprefix("transformer.").replace(".", "_") for n in DIFFUSERS]
 LAYOUTS = {"diffusers": DIFFUSERS, "kohya": KOHYA, "onetrainer": ONETRAINER}
-MODULATION_D = {PREFIX_D + "norm1.linear", PREFIX_S + "norm.linear"}
+MODULATION_D = {PREFIX_D + "norm1.linear", PREFIX_S + "norm.linear", "transformer.norm_out.linear"}
 RANK, KOHYA_ALPHA = 4, 2.0
 
 
@@ -51,23 +51,41 @@ RANK, KOHYA_ALPHA = 4, 2.0
 # Places (from ComfyUI's own key map), LoRAs, ComfyUI's application
 # --------------------------------------------------------------------------------------
 
-def places(model: Any) -> dict[str, tuple[str, tuple[int, int, int] | None]]:
-    """LoRA module name → (weight key, slice or None), as ``comfy.lora.model_lora_keys_unet`` says."""
-    import comfy.lora
+Place = tuple[str, "tuple[int, int, int] | None", bool]
 
-    out = {}
+
+def places(model: Any) -> dict[str, Place]:
+    """LoRA module name → (weight key, row slice or None, halves swapped), as
+    ``comfy.lora.model_lora_keys_unet`` says (``swap_scale_shift`` is the one function it applies)."""
+    import comfy.lora
+    import comfy.utils
+
+    out: dict[str, Place] = {}
     for name, target in comfy.lora.model_lora_keys_unet(model.model, {}).items():
         if isinstance(target, str):
-            out[name] = (target, None)
+            out[name] = (target, None, False)
         elif len(target) == 2:
-            out[name] = (target[0], tuple(target[1]))
+            out[name] = (target[0], None if target[1] is None else tuple(target[1]), False)
+        elif target[1] is None and target[2] is comfy.utils.swap_scale_shift:
+            out[name] = (target[0], None, True)
     return out
 
 
+def view(w: Any, place: Place) -> Any:
+    """The part of a whole weight (or weight change) a module sits on, in the LoRA's own row order:
+    the slice's rows, or the two row halves swapped (an involution, so it also maps back)."""
+    _, offset, swapped = place
+    if offset is not None:
+        return w[offset[1]:offset[1] + offset[2]]
+    if swapped:
+        h = w.shape[0] // 2
+        return np.concatenate([w[h:], w[:h]]) if isinstance(w, np.ndarray) else torch.cat([w[h:], w[:h]])
+    return w
+
+
 def module_shape(model: Any, name: str) -> tuple[int, int]:
-    key, offset = places(model)[name]
-    w = model.model.state_dict()[key]
-    return (offset[2] if offset else int(w.shape[0])), int(w.shape[1])
+    place = places(model)[name]
+    return tuple(view(model.model.state_dict()[place[0]], place).shape)  # type: ignore[return-value]
 
 
 def make_lora(model: Any, layout: str, seed: int = 1, scale: float = 0.1) -> dict[str, torch.Tensor]:
@@ -150,7 +168,7 @@ def test_copy_output_applies_in_comfyui_exactly_as_the_input(nodes_by_id: dict[s
     before = comfy_host.unet_weights(tgt)
     changed = {k for k in before if not torch.equal(before[k], want[k])}
     assert changed == {k for k in before if not torch.equal(before[k], got[k])}
-    assert len(changed) == (5 if layout == "kohya" else 8)
+    assert len(changed) == (5 if layout == "kohya" else 9)
     for k in changed:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
 
@@ -177,15 +195,15 @@ def test_each_slice_matches_the_dense_reference_with_its_own_bases(nodes_by_id: 
     src_sd = comfy_host.unet_weights(src)
     covered: dict[str, np.ndarray] = {}
     for name in LAYOUTS[layout]:
-        key, offset = places(src)[name]
-        rows = slice(offset[1], offset[1] + offset[2]) if offset else slice(None)
-        ws, wt = src_sd[key][rows].double().numpy(), before[key][rows].double().numpy()
+        place = places(src)[name]
+        key, offset, _ = place
+        ws, wt = view(src_sd[key].double().numpy(), place), view(before[key].double().numpy(), place)
         delta = dense(lora, name)
         expected = reference_transfer(delta, ws, wt, default_k(*delta.shape), mode)
-        got = (after[key] - before[key])[rows].double().numpy()
+        got = view((after[key] - before[key]).double().numpy(), place)
         assert np.linalg.norm(got - expected) <= 1e-4 * np.linalg.norm(expected), (name, mode)
         mask = covered.setdefault(key, np.zeros(before[key].shape[0], dtype=bool))
-        mask[rows] = True
+        mask[slice(offset[1], offset[1] + offset[2]) if offset else slice(None)] = True
     for key, mask in covered.items():  # rows no module sits on stay as they were
         assert torch.equal(after[key][torch.from_numpy(~mask)], before[key][torch.from_numpy(~mask)]), key
 
@@ -204,7 +222,7 @@ def test_slice_bases_against_whole_weight_bases(flux_pair: tuple[Any, Any]) -> N
     src_sd, tgt_sd = comfy_host.unet_weights(src), comfy_host.unet_weights(tgt)
     leaks = []
     for name in DIFFUSERS:
-        key, offset = places(src)[name]
+        key, offset, _ = places(src)[name]
         if offset is None:
             continue
         rows = slice(offset[1], offset[1] + offset[2])
@@ -241,9 +259,9 @@ def test_chroma_target_reports_modulation_layers_not_in_target_and_transfers_the
     assert "diffusion_model.double_blocks.0.img_mod.lin.weight" not in chroma.model.state_dict()
     lora = make_lora(src, "diffusers", seed=5)
     out, summary, report = transfer(nodes_by_id, src, chroma, lora, "prolora-full")
-    assert "modulation layers (2): transferred 0, not in target 2" in summary, summary
-    assert "modulation layers (2): transferred 0, not in target 2" in report, report
-    assert f"{len(DIFFUSERS) - 2}/{len(DIFFUSERS)} modules transferred" in report, report
+    assert "modulation layers (3): transferred 0, not in target 3" in summary, summary
+    assert "modulation layers (3): transferred 0, not in target 3" in report, report
+    assert f"{len(DIFFUSERS) - 3}/{len(DIFFUSERS)} modules transferred" in report, report
     assert not any(n in k for k in out for n in MODULATION_D), sorted(out)
     with caplog.at_level(logging.WARNING):
         after = applied(chroma, out)
@@ -252,12 +270,12 @@ def test_chroma_target_reports_modulation_layers_not_in_target_and_transfers_the
     for name in DIFFUSERS:
         if name in MODULATION_D:
             continue
-        key, offset = places(src)[name]
-        rows = slice(offset[1], offset[1] + offset[2]) if offset else slice(None)
+        place = places(src)[name]
+        key = place[0]
         delta = dense(lora, name)
-        expected = reference_transfer(delta, src_sd[key][rows].double().numpy(), before[key][rows].double().numpy(),
+        expected = reference_transfer(delta, view(src_sd[key].double().numpy(), place), view(before[key].double().numpy(), place),
                                       default_k(*delta.shape), "prolora-full")
-        got = (after[key] - before[key])[rows].double().numpy()
+        got = view((after[key] - before[key]).double().numpy(), place)
         assert np.linalg.norm(got - expected) <= 1e-4 * np.linalg.norm(expected), name
 
 
@@ -300,7 +318,13 @@ def test_files_node_transfers_a_diffusers_flux_lora_on_slices(nodes_by_id: dict[
 # Slices in the core, the basis cache, similarity pairing
 # --------------------------------------------------------------------------------------
 
-def test_a_slice_is_a_weight_of_its_own() -> None:
+def comfy_swap() -> Any:
+    import comfy.utils
+
+    return comfy.utils.swap_scale_shift
+
+
+def test_a_slice_is_a_weight_of_its_own(comfyui: Any) -> None:
     from prolora_core.errors import ProLoRAError
     from prolora_core.slices import SlicedWeights, WeightSlice, place_key
     from prolora_core.weights import content_key_of_tensor
@@ -329,6 +353,9 @@ def test_a_slice_is_a_weight_of_its_own() -> None:
     assert k == "b.qkv.weight[0:4:4]" and WeightSlice.parse(k) == WeightSlice("b.qkv.weight", 0, 4, 4)
     assert place_key("a.q.weight") == "a.q.weight" and place_key(("a.q.weight", None)) == "a.q.weight"
     assert place_key(("b.qkv.weight", None, lambda t: t)) is None  # a function on the update: not served
+    swap = comfy_swap()
+    assert place_key(("b.qkv.weight", None, swap), swap) == "b.qkv.weight[swap]"
+    assert torch.equal(w.get("b.qkv.weight[swap]"), swap(qkv)) and w.shape("b.qkv.weight[swap]") == (12, 4)
     assert w.shape(k) == (4, 4) and torch.equal(w.get(k), qkv[4:8]) and w.keys() == ["b.qkv.weight", "a.q.weight"]
     assert w.content_key(k) == w.content_key("a.q.weight") != w.content_key("b.qkv.weight[0:0:4]")  # keyed by content
     assert w.has(k) and not w.has("b.qkv.weight[0:10:4]") and not w.has("c.weight[0:0:1]")
