@@ -381,3 +381,22 @@ def test_slice_bases_come_from_the_cache_on_a_second_run_and_similarity_pairing_
     rows = {r["source"]: r["target"] for r in summaries[2][0].rows()}
     qkv = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
     assert rows[f"{qkv}[0:0:64]"] == f"{qkv}[0:0:64]" and rows[f"{qkv}[0:128:64]"] == f"{qkv}[0:128:64]"
+
+
+def test_dora_magnitude_on_a_slice_follows_the_slice(nodes_by_id: dict[str, Any], flux_pair: tuple[Any, Any]) -> None:
+    """A DoRA magnitude on ``to_q`` and ``proj_mlp`` (rows of fused weights): ComfyUI normalises the
+    slice it applies to, so the ratio rule reads the slice's rows. ``copy`` and target = source
+    give ComfyUI's own result back."""
+    src, tgt = flux_pair
+    lora = make_lora(src, "diffusers", seed=8)
+    gen = torch.Generator().manual_seed(9)
+    for name in (PREFIX_D + "attn.to_q", PREFIX_S + "proj_mlp"):
+        w = view(src.model.state_dict()[places(src)[name][0]], places(src)[name])
+        lora[f"{name}.dora_scale"] = (w.norm(dim=1, keepdim=True) * (1 + 0.1 * torch.randn(w.shape[0], 1, generator=gen))).contiguous()
+    for model, mode in ((tgt, "copy"), (src, "prolora-full")):
+        out, _, report = transfer(nodes_by_id, src, model, lora, mode)
+        assert f"{len(DIFFUSERS)}/{len(DIFFUSERS)} modules transferred" in report, report
+        before, want, got = comfy_host.unet_weights(model), applied(model, lora), applied(model, out)
+        for k in before:
+            d_want, d_got = (want[k] - before[k]).double(), (got[k] - before[k]).double()
+            assert float((d_got - d_want).norm()) <= 1e-5 * max(float(d_want.norm()), 1e-12), (mode, k)
