@@ -18,6 +18,7 @@ import torch
 from ..prolora_core.basis import BasisSettings
 from ..prolora_core.cache import BasisCache
 from ..prolora_core.lora import LoraFile
+from ..prolora_core.slices import SlicedWeights, place_key
 from ..prolora_core.weights import content_key_of_tensor
 
 UNET, CLIP = "unet", "clip"
@@ -164,8 +165,8 @@ class BasisHandle:
     """
 
     label: str
-    parts: Mapping[str, PatcherWeights]
-    key_maps: Mapping[str, Mapping[str, str]]
+    parts: Mapping[str, SlicedWeights]  # PatcherWeights that also serve slices of fused weights
+    key_maps: Mapping[str, Mapping[str, Any]]  # ComfyUI's: LoRA module → weight key, or (key, (dim, start, length))
     subspace_rank: int | None
     device: str
     settings: BasisSettings
@@ -187,10 +188,14 @@ class BasisHandle:
         return out
 
     def locate(self, lora_module: str) -> tuple[str, str] | None:
-        """``(part, weight key)`` of a LoRA module name, through ComfyUI's key maps."""
+        """``(part, weight key)`` of a LoRA module name, through ComfyUI's key maps. A module ComfyUI
+        applies to a slice of a fused weight (``(key, (dim, start, length))``, e.g. Flux's ``to_q`` →
+        rows of ``img_attn.qkv``) gets the slice's virtual key, one ComfyUI applies through
+        ``swap_scale_shift`` (diffusers' ``norm_out.linear``) the swapped view's (``prolora_core.slices``)."""
         for part, km in self.key_maps.items():
-            if lora_module in km and km[lora_module] in self.parts[part]._sd:
-                return part, km[lora_module]
+            key = place_key(km[lora_module], comfy.utils.swap_scale_shift) if lora_module in km else None
+            if key is not None and self.parts[part].has(key):
+                return part, key
         return None
 
 
@@ -207,10 +212,10 @@ def build_handle(model: Any, clip: Any | None, subspace_rank: int | None, device
     and in the provenance of saved LoRAs (default: the model's type)."""
     family = _model_label(model)
     label = label.strip() or family
-    parts = {UNET: PatcherWeights(model, label)}
-    key_maps = {UNET: comfy.lora.model_lora_keys_unet(model.model, {})}
+    parts = {UNET: SlicedWeights(PatcherWeights(model, label))}
+    key_maps = {UNET: comfy.lora.model_lora_keys_unet(model.model, {})}  # the model's class picks the family's map
     if clip is not None:
-        parts[CLIP] = PatcherWeights(clip.patcher, label + ":clip")
+        parts[CLIP] = SlicedWeights(PatcherWeights(clip.patcher, label + ":clip"))
         key_maps[CLIP] = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
     return BasisHandle(
         label=label, parts=ReadOnlyDict(parts), key_maps=ReadOnlyDict({p: ReadOnlyDict(km) for p, km in key_maps.items()}),

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import comfy.lora
 import comfy.model_detection
 import comfy.supported_models
+import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import io
@@ -19,6 +19,7 @@ from ..prolora_core.lora import read_lora
 from ..prolora_core.projection import MODES
 from ..prolora_core.provenance import output_metadata
 from ..prolora_core.safetensors_io import atomic_save
+from ..prolora_core.slices import parse_place, place_key
 from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, Planned, TransferConfig, transfer
 from ..prolora_core.weights import SafetensorsWeights
 from .bridge import cache_dir, check_interrupt, engine_device, progress
@@ -41,22 +42,17 @@ def resolve_model_file(entry: str) -> Path:
     return Path(path)
 
 
-class _KeysOnly:
-    """Just enough of a BaseModel for ``comfy.lora.model_lora_keys_unet``: its key names and config."""
-
-    def __init__(self, keys: list[str], model_config: Any) -> None:
-        self._keys = dict.fromkeys(keys)
-        self.model_config = model_config
-
-    def state_dict(self) -> dict[str, None]:
-        return self._keys
-
-
 def file_key_map(weights: SafetensorsWeights) -> dict[str, str]:
-    """LoRA module name → weight key in the file, through ComfyUI's own ``model_lora_keys_unet``.
+    """LoRA module name → weight key in the file, or the virtual key of a slice of one
+    (``prolora_core.slices``), through ComfyUI's own ``model_lora_keys_unet``.
 
     The model type comes from ComfyUI's detection on the file's shapes (meta tensors, nothing is
-    loaded), or from a ``prolora.unet_config`` in the metadata (the pack's tiny models)."""
+    loaded), or from a ``prolora.unet_config`` in the metadata (the pack's tiny models). The map is
+    built on a real model object of that class on the meta device (no weight memory), so every
+    family branch of ``model_lora_keys_unet`` applies (Flux's q/k/v slices of the fused ``qkv``,
+    SD3, …). Entries whose weight the file lacks, and targets the engine cannot serve (a function
+    other than ``swap_scale_shift`` applied to the update), are left out: their modules are reported
+    unmapped."""
     meta_sd = {k: torch.empty(weights.shape(k), device="meta") for k in weights.keys()}
     prefix = comfy.model_detection.unet_prefix_from_state_dict(meta_sd)
     meta = weights.reader.header.metadata
@@ -71,9 +67,19 @@ def file_key_map(weights: SafetensorsWeights) -> dict[str, str]:
             raise ProLoRAError(f"ComfyUI cannot detect the model type ({type(e).__name__}: {e})", file=weights.path) from None
         if config is None:
             raise ProLoRAError("ComfyUI cannot detect the model type of this file", file=weights.path)
-    unet_keys = ["diffusion_model." + k[len(prefix):] for k in weights.keys() if k.startswith(prefix)]
-    key_map = comfy.lora.model_lora_keys_unet(_KeysOnly(unet_keys, config), {})
-    return {name: prefix + key[len("diffusion_model."):] for name, key in key_map.items()}
+    model = config.get_model({}, "", device=torch.device("meta"))
+    file_keys = set(weights.keys())
+    out: dict[str, str] = {}
+    for name, target in comfy.lora.model_lora_keys_unet(model, {}).items():
+        place = place_key(target, comfy.utils.swap_scale_shift)
+        piece = parse_place(place) if place is not None else None
+        whole = piece.key if piece is not None else place
+        if whole is None or not whole.startswith("diffusion_model."):
+            continue
+        key = prefix + whole[len("diffusion_model."):]
+        if key in file_keys:
+            out[name] = piece.on(key).virtual_key if piece is not None else key
+    return out
 
 
 class TransferLoRAFiles(io.ComfyNode):

@@ -11,8 +11,10 @@ import comfy.lora_convert
 from ..prolora_core.errors import ProLoRAError
 from ..prolora_core.linalg import matrix_shape
 from ..prolora_core.lora import LoraFile, parse_state_dict
+from ..prolora_core.modulation import modulation_line
 from ..prolora_core.names import name_style
 from ..prolora_core.provenance import output_metadata
+from ..prolora_core.slices import parse_place
 from ..prolora_core.transfer import ModuleMatch, Planned, TransferConfig, TransferResult, check_fits, match_modules, project_loras
 from .bridge import BasisHandle, LoraModel, ReadOnlyDict, check_interrupt, native_module, progress
 
@@ -86,6 +88,10 @@ class MatchHandle:
         phis = [min(r["phi_u"], r["phi_v"]) for r in rows if r["phi_u"] is not None]
         if phis:
             lines.append(f"Φ (min of U/V): min {min(phis):.3f}, median {sorted(phis)[len(phis) // 2]:.3f}, max {max(phis):.3f}")
+        group = modulation_line((r["source"], None if r["phi_u"] is None else min(r["phi_u"], r["phi_v"]), r["passes"], r["target"] is not None)
+                                for r in rows)
+        if group:
+            lines.append(group)
         return "\n".join(lines)
 
 
@@ -94,9 +100,10 @@ UNMAPPED = "no entry in ComfyUI's LoRA key map for this model: ComfyUI would not
 
 
 def plan_lora(lora: LoraFile, handle: BasisHandle) -> tuple[dict[str, list[Planned]], list[str]]:
-    """Per model part, the LoRA's modules placed on the source model's weights, through ComfyUI's own
-    key maps (``model_lora_keys_unet`` / ``_clip``), so a module lands where ``comfy.lora.load_lora``
-    applies it; the second value names the modules the key maps do not know (ComfyUI skips them)."""
+    """Per model part, the LoRA's modules placed on the source model's weights, or on slices of
+    fused weights (virtual keys), through ComfyUI's own key maps (``model_lora_keys_unet`` /
+    ``_clip``), so a module lands where ``comfy.lora.load_lora`` applies it; the second value names
+    the modules the key maps do not know (ComfyUI skips them)."""
     plans: dict[str, list[Planned]] = {}
     unmapped: list[str] = []
     for mod in lora.modules.values():
@@ -161,6 +168,9 @@ def project_lora_model(lora_in: dict, match: MatchHandle, config: TransferConfig
         inverse = _inverse(match.target.key_maps.get(part, {}))
 
         def name(p: Planned, m: ModuleMatch, part: str = part, inverse: dict = inverse) -> str:
+            if parse_place(m.target_key) is not None:  # type: ignore[arg-type]  # a slice has no native name: the LoRA's own
+                save_names[p.module.name] = p.module.name
+                return p.module.name
             native = native_module(part, m.target_key)  # type: ignore[arg-type]
             save_names[native] = p.module.name if not m.repaired else _same_style(p.module.name, inverse.get(m.target_key, []), native)  # type: ignore[arg-type]
             return native

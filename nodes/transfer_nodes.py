@@ -6,6 +6,7 @@ from dataclasses import replace
 from comfy_api.latest import io
 
 from ..prolora_core.errors import ProLoRAError
+from ..prolora_core.modulation import modulation_line
 from ..prolora_core.projection import MODES
 from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, TransferConfig, overall_norm_ratio
 from .blocks import with_blocks
@@ -131,6 +132,10 @@ class ProjectLoRA(io.ComfyNode):
         lines = [f"ProLoRA {mode}: {sum(m.transferred for m in modules)}/{len(modules)} modules transferred; "
                  f"unmapped: {out.metadata.get('prolora.unmapped_modules')}",
                  f"overall norm ratio transferred/source: {ratio:.3f}" if ratio is not None else "nothing transferred"]
+        group = modulation_line((m.source_key or m.source, None if m.similarity_u is None else min(m.similarity_u, m.similarity_v or 0.0),
+                                 m.transferred, not m.reason.startswith("target")) for m in modules)
+        if group:
+            lines.append(group)
         for m in modules:
             ratio = f"{m.norm_ratio:.3f}" if m.norm_ratio is not None else "-"
             lines.append(f"{m.source}: {m.reason}, norm ratio {ratio}")

@@ -24,6 +24,7 @@ from .names import BaseIndex, name_style
 from .plan import Planned
 from .projection import Factors, project, project_dense, recompress
 from .report import ModuleReport, TransferResult
+from .slices import with_slices
 from .weights import WeightSource
 
 NameFn = Callable[[Planned, ModuleMatch], str]
@@ -66,6 +67,7 @@ def project_loras(loras: Sequence[LoraFile], plan: Sequence[Planned], matches: d
     land on the same output module are summed. ``source`` and ``target`` are needed by DoRA
     modules only (the ratio rule reads both weights). A CUDA out-of-memory error in one module
     redoes that module on the CPU, with a warning."""
+    source, target = (None if w is None else with_slices(w) for w in (source, target))  # DoRA on a slice reads the slice
     reports: list[list[ModuleReport]] = [[] for _ in loras]
     pieces: list[dict[str, list[Piece]]] = [{} for _ in loras]
     with torch_threads(config.threads):

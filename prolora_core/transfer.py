@@ -16,6 +16,7 @@ from .lora import LoraFile
 from .match import BasisProvider, ModuleMatch, match_modules
 from .plan import Planned, check_fits, plan_by_names
 from .report import ModuleReport, RunStats, TransferResult, overall_norm_ratio
+from .slices import with_slices
 from .weights import WeightSource
 
 __all__ = [
@@ -36,7 +37,9 @@ def transfer(
     check_interrupt: Callable[[], None] | None = None,
 ) -> tuple[list[TransferResult], RunStats]:
     """Check the plan, match the touched source weights, project every LoRA: one pass over the
-    bases serves all LoRAs. Source weights that only carry 1-D parts get no basis."""
+    bases serves all LoRAs. Source weights that only carry 1-D parts get no basis. A plan may place
+    modules on slices of weights (virtual keys, :mod:`.slices`)."""
+    source, target = with_slices(source), with_slices(target)
     for p in plan:
         if p.source_key is not None:
             check_fits(loras[p.lora_index], p.module, source.shape(p.source_key), source.label)
