@@ -8,13 +8,16 @@ from typing import Any
 
 import comfy.lora_convert
 
+from ..prolora_core.candidates import suggest_candidates
 from ..prolora_core.errors import ProLoRAError
-from ..prolora_core.linalg import matrix_shape
+from ..prolora_core.linalg import matrix_shape, resolve_device
 from ..prolora_core.lora import LoraFile, parse_state_dict
 from ..prolora_core.names import name_style
 from ..prolora_core.provenance import output_metadata
-from ..prolora_core.transfer import ModuleMatch, Planned, TransferConfig, TransferResult, check_fits, match_modules, project_loras
-from .bridge import BasisHandle, LoraModel, check_interrupt, native_module, progress
+from ..prolora_core.report import GROUPS, SimilarityHint, format_summary
+from ..prolora_core.transfer import (BasisProvider, ModuleMatch, ModuleReport, Planned, TransferConfig, TransferResult, check_fits, match_modules,
+                                     project_loras)
+from .bridge import CLIP, BasisHandle, LoraModel, check_interrupt, native_module, progress
 
 
 @dataclass
@@ -28,6 +31,17 @@ class MatchHandle:
     unmapped: list[str] = field(default_factory=list)
     svd_computed: int = 0
     bases_from_cache: int = 0
+    #: the LoRA given to Match Modules, and each of its modules' (part, source weight key)
+    lora: LoraFile | None = None
+    planned: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def add_lora(self, lora: LoraFile) -> None:
+        """Plan ``lora`` on the source model (ComfyUI's key maps) and match the weights it touches."""
+        plans, self.unmapped = plan_lora(lora, self.source)
+        self.lora = lora
+        for part, plan in plans.items():
+            self.planned.update({p.module.name: (part, p.source_key) for p in plan if p.source_key})
+            self.ensure(part, [p.source_key for p in plan if p.source_key])
 
     def ensure(self, part: str, keys: list[str], pair_only: Collection[str] = ()) -> None:
         """Match the source weights in ``keys`` that are not matched yet (``pair_only``: by name
@@ -61,15 +75,56 @@ class MatchHandle:
                 })
         return out
 
-    def summary(self) -> str:
+    def module_reports(self) -> TransferResult | None:
+        """The match's verdict per LoRA module as a :class:`TransferResult` without tensors (passing
+        = would be transferred), with best candidates and the similarity-pairing hint; ``None``
+        without a LoRA. Counted by the same :meth:`TransferResult.summary` as a transfer."""
+        if self.lora is None:
+            return None
+        reports = []
+        for name, mod in self.lora.modules.items():
+            part, key = self.planned.get(name, (None, None))
+            m = self.matches.get(part, {}).get(key) if part is not None else None  # type: ignore[arg-type]
+            rep = ModuleReport(str(self.lora.path or "<LORA_MODEL>"), name, None, key, None, False, "no base weight", kind=mod.kind)
+            if m is not None:
+                ok = m.passes(self.config)
+                rep.transferred = ok
+                rep.reason = ("transferred" if mod.update is not None else "carried over unchanged") if ok else (m.reason or "below threshold")
+                rep.target_key, rep.repaired = (m.target_key, m.repaired) if ok else (None, False)
+            reports.append(rep)
+        result = TransferResult(self.lora, {}, reports)
+        provider = BasisProvider(self.config.basis, resolve_device(self.config.device), self.source.cache())
+        for part, matches in self.matches.items():
+            tgt = self.target.parts.get(part)
+            if tgt is None:
+                continue
+            mine = TransferResult(self.lora, {}, [r for r in reports if self.planned.get(r.source, ("", ""))[0] == part])
+            suggest_candidates([mine], matches, self.source.parts[part], tgt, self.config, provider)
+            hint = mine.similarity_hint
+            if hint is not None:
+                old = result.similarity_hint or SimilarityHint(0, 0, 0)
+                result.similarity_hint = SimilarityHint(old.placed + hint.placed, old.looked_at + hint.looked_at, old.skipped + hint.skipped)
+        self.svd_computed += provider.stats.svd_computed
+        self.bases_from_cache += provider.stats.bases_from_cache
+        return result
+
+    def summary(self, verdict: TransferResult | None = None) -> str:
+        """Readable summary; with a LoRA, its modules' groups add up to the LoRA's module count."""
         rows = self.rows()
         passing = sum(r["passes"] for r in rows)
         lines = [
             f"ProLoRA match: {self.source.label} → {self.target.label}",
             f"pairing={self.config.pairing} threshold={self.config.threshold:g} subspace rank={self.config.subspace_rank or 'auto min(64, d/4)'}",
-            f"modules matched: {len(rows)}, passing the threshold: {passing}, re-paired: {sum(r['repaired'] for r in rows)}",
-            f"bases computed: {self.svd_computed}, from cache: {self.bases_from_cache}",
         ]
+        if verdict is None:
+            verdict = self.module_reports()
+        if verdict is not None:
+            te_reason = "no weight in the source model's text encoder" if CLIP in self.source.parts else "connect a CLIP to Compute Basis to transfer them"
+            lines += format_summary(verdict.lora.path.name if verdict.lora.path else "LoRA", verdict.summary(), self.config.threshold, te_reason,
+                                    labels={"transferred": "pass (would be transferred)", "carried_over": "carried over unchanged (1-D parts only)"})
+        else:
+            lines.append(f"weights matched: {len(rows)}, passing the threshold: {passing}, re-paired: {sum(r['repaired'] for r in rows)}")
+        lines.append(f"bases computed: {self.svd_computed}, from cache: {self.bases_from_cache}")
         for label, handle in (("source", self.source), ("target", self.target)):
             if any(handle.patched.values()):
                 lines.append(f"note: the {label} model carries patches on {handle.patched} weights (merges or LoRAs); bases are of the patched weights")
@@ -77,8 +132,17 @@ class MatchHandle:
             lines.append(f"LoRA modules with no weight in the source model ({len(self.unmapped)}): {', '.join(self.unmapped[:8])}")
         phis = [min(r["phi_u"], r["phi_v"]) for r in rows if r["phi_u"] is not None]
         if phis:
-            lines.append(f"Φ (min of U/V): min {min(phis):.3f}, median {sorted(phis)[len(phis) // 2]:.3f}, max {max(phis):.3f}")
+            lines.append(f"Φ (min of U/V): min {min(phis):.2f}, median {sorted(phis)[len(phis) // 2]:.2f}, max {max(phis):.2f}")
         return "\n".join(lines)
+
+    def panel(self, verdict: TransferResult | None = None) -> dict[str, Any]:
+        """What the web panel of Match Modules shows (``ui["prolora_match"][0]``)."""
+        rows = self.rows()
+        s = verdict.summary() if verdict is not None else None
+        return {"threshold": self.config.threshold, "pairing": self.config.pairing, "modules": len(rows), "passing": sum(r["passes"] for r in rows),
+                "rows": rows, "unmapped": self.unmapped, "lora_modules": None if s is None else s["modules"],
+                "groups": None if s is None else {GROUPS[k]: n for k, n in s["groups"].items() if n},
+                "similarity_may_place": None if s is None else s["similarity_may_place"]}
 
 
 def plan_lora(lora: LoraFile, handle: BasisHandle) -> tuple[dict[str, list[Planned]], list[str]]:

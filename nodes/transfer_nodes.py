@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from ..prolora_core.projection import MODES
 from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, TransferConfig, overall_norm_ratio
 from .bridge import UNET, build_handle
-from .matching import MatchHandle, all_weight_keys, parse_lora_model, plan_lora, project_lora_model
+from .matching import MatchHandle, all_weight_keys, parse_lora_model, project_lora_model
 
 CATEGORY = "ProLoRA"
 PREFIX = "ProLoRA"
@@ -71,20 +71,13 @@ class MatchModules(io.ComfyNode):
                                 device=source_basis.device, basis=source_basis.settings)
         match = MatchHandle(source_basis, target_basis, config)
         if lora is not None:
-            plans, unmapped = plan_lora(parse_lora_model(lora), source_basis)
-            match.unmapped = unmapped
-            for part, plan in plans.items():
-                match.ensure(part, [p.source_key for p in plan if p.source_key])
+            match.add_lora(parse_lora_model(lora))
         else:
             for part in source_basis.parts:
                 if part in target_basis.parts:
                     match.ensure(part, all_weight_keys(source_basis, part))
-        rows = match.rows()
-        ui = {"prolora_match": [{
-            "threshold": threshold, "pairing": pairing, "modules": len(rows), "passing": sum(r["passes"] for r in rows),
-            "rows": rows, "unmapped": match.unmapped,
-        }]}
-        return io.NodeOutput(match, match.summary(), ui=ui)
+        verdict = match.module_reports()
+        return io.NodeOutput(match, match.summary(verdict), ui={"prolora_match": [match.panel(verdict)]})
 
 
 class ProjectLoRA(io.ComfyNode):

@@ -148,13 +148,15 @@ class TransferResult:
         }
 
 
-def format_summary(name: str, summary: dict, threshold: float, text_encoder_reason: str = "text-encoder names are not mapped from files yet") -> list[str]:
+def format_summary(name: str, summary: dict, threshold: float, text_encoder_reason: str = "text-encoder names are not mapped from files yet",
+                   labels: dict[str, str] | None = None) -> list[str]:
     """What people read: ``name: N modules`` then one line per non-empty group with its reason, the
     similarity-pairing hint where it applies. Numbers rounded for reading (the report JSON keeps
     full precision).
 
     ``text_encoder_reason`` says why text-encoder modules found no weight (the files path does
-    not map text-encoder names; the model path needs a CLIP)."""
+    not map text-encoder names; the model path needs a CLIP). ``labels`` replaces group labels
+    (Match Modules: "pass (would be transferred)")."""
     g = summary["groups"]
     lines = [f"{name}: {summary['modules']} modules"]
     width = len(str(summary["modules"]))
@@ -162,7 +164,7 @@ def format_summary(name: str, summary: dict, threshold: float, text_encoder_reas
         n = g.get(key, 0)
         if not n:
             continue
-        text = label
+        text = (labels or {}).get(key, label)
         if key == "transferred":
             extra = []
             if summary.get("norm_ratio") is not None:
