@@ -140,7 +140,7 @@ class TransferLoRAFiles(io.ComfyNode):
         target.save_memo()
         evicted = cache.limit(cache_max_gb)
         saved, lines = [], [f"ProLoRA {mode}, pairing {pairing}: {source.label} → {target.label}; bases computed {stats.svd_computed}, "
-                            f"from cache {stats.bases_from_cache}; {config.threads} CPU threads"]
+                            f"from cache {stats.bases_from_cache}; CPU threads {config.threads}"]
         for result, path, stem in zip(results, paths, stems):
             s = result.summary()
             lines += format_summary(path.name, s, threshold)

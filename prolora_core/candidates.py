@@ -9,8 +9,9 @@ shape. A UNet module can so never land on a text-encoder weight, nor a query pro
 convolution of the same shape.
 
 :func:`suggest_candidates` names, for each module a transfer skipped, the most similar target
-weight among the target bases already at hand (no new target SVD), and tells how many of them
-similarity pairing would place; its cost is at most :data:`HINT_SAMPLE` source bases.
+weight among the target bases already at hand and those of target weights whose name the source
+lacks, and tells how many of them similarity pairing would place; its cost is a bounded number of
+bases (:data:`HINT_SAMPLE`).
 """
 from __future__ import annotations
 
@@ -94,15 +95,26 @@ class Candidate:
 
 def best_candidates(matches: dict[str, ModuleMatch], skipped: Sequence[str], source: WeightSource, target: WeightSource,
                     provider: BasisProvider) -> dict[str, Candidate]:
-    """For each source key in ``skipped``, the most similar target weight of its candidate class
-    among the target bases at hand in ``matches`` (no target basis is computed). A missing source
-    basis comes from the cache or is computed, for at most :data:`HINT_SAMPLE` keys (evenly spread)."""
-    at_hand: dict[tuple, dict[str, Basis]] = {}
+    """For each source key in ``skipped``, the most similar target weight of its candidate class.
+
+    Candidates: the target bases at hand in ``matches``, and the target weights whose name the
+    source lacks (where a renumbered block lands), of a class some skipped module needs (at most
+    ``4 * HINT_SAMPLE``, from the cache or computed). A missing source basis comes from the cache
+    or is computed, for at most :data:`HINT_SAMPLE` keys (evenly spread)."""
+    pool: dict[tuple, dict[str, Basis]] = {}
+    k_of: dict[tuple, int] = {}
     for m in matches.values():
         if m.target_key is not None and m.target_basis is not None:
-            cls = candidate_class(m.target_key, target.shape(m.target_key))
-            at_hand.setdefault(cls, {})[m.target_key] = m.target_basis
-    with_class = [k for k in dict.fromkeys(skipped) if candidate_class(k, source.shape(k)) in at_hand]
+            pool.setdefault(candidate_class(m.target_key, target.shape(m.target_key)), {})[m.target_key] = m.target_basis
+    wanted = {candidate_class(k, source.shape(k)): matches[k].k for k in dict.fromkeys(skipped)}
+    k_of.update(wanted)
+    source_names, target_index = BaseIndex(source.keys()), BaseIndex(target.keys())
+    new_names = [key for cls, keys in target_candidates(target).items() if cls in wanted for key in keys
+                 if source_names.find_bare(target_index.bare_name(key)) is None and key not in pool.get(cls, {})]
+    for key in new_names[: 4 * HINT_SAMPLE]:
+        cls = candidate_class(key, target.shape(key))
+        pool.setdefault(cls, {})[key] = provider.get(target, key, k_of[cls])
+    with_class = [k for k in dict.fromkeys(skipped) if candidate_class(k, source.shape(k)) in pool]
     missing = [k for k in with_class if matches[k].source_basis is None]
     step = max(1, -(-len(missing) // HINT_SAMPLE))
     sample = set(missing[::step])
@@ -115,8 +127,9 @@ def best_candidates(matches: dict[str, ModuleMatch], skipped: Sequence[str], sou
                 continue
             sb = provider.get(source, skey, m.k)
         best: Candidate | None = None
-        for tkey, tb in at_hand[candidate_class(skey, source.shape(skey))].items():
-            s = basis_similarity(sb.truncate(min(sb.k, tb.k)), tb.truncate(min(sb.k, tb.k)))
+        for tkey, tb in pool[candidate_class(skey, source.shape(skey))].items():
+            k = min(sb.k, tb.k)
+            s = basis_similarity(sb.truncate(k), tb.truncate(k))
             if best is None or s.phi > best.similarity.phi:
                 best = Candidate(tkey, s)
         if best is not None:
@@ -145,13 +158,13 @@ def suggest_candidates(results: Sequence[TransferResult], matches: dict[str, Mod
             rep.candidate, rep.candidate_phi = index.bare_name(cand.target_key), cand.similarity.phi
     if config.pairing != "name":
         return
-    at_hand = {candidate_class(m.target_key, target.shape(m.target_key)) for m in matches.values() if m.target_key and m.target_basis is not None}
+    classes = {candidate_class(k, target.shape(k)) for keys in target_candidates(target).values() for k in keys}
     for result in results:
         skipped = [m for m in result.modules if m.source_key in matches and not matches[m.source_key].basis_free  # type: ignore[index]
                    and m.group in ("below_threshold", "no_such_module")]
         looked = [m for m in skipped if m.source_key in found]
         placed = [m for m in looked if found[m.source_key].similarity.passes(config.threshold)  # type: ignore[index]
                   and found[m.source_key].target_key != matches[m.source_key].name_key]  # type: ignore[index]
-        # A module whose candidate class has no target basis at hand is judged as not placed.
-        judged = len(looked) + sum(candidate_class(m.source_key, source.shape(m.source_key)) not in at_hand for m in skipped)  # type: ignore[arg-type]
+        # A module whose candidate class has no target weight at all is judged as not placed.
+        judged = len(looked) + sum(candidate_class(m.source_key, source.shape(m.source_key)) not in classes for m in skipped)  # type: ignore[arg-type]
         result.similarity_hint = SimilarityHint(len(placed), judged, len(skipped))

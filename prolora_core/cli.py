@@ -175,7 +175,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         if evicted:
             print(f"[prolora] cache over {max_mb:g} MB: removed the {evicted} least recently used bases", file=sys.stderr)
     print(f"ProLoRA {config.mode}, pairing {config.pairing}: {source.label} → {target.label}; bases computed {stats.svd_computed}, "
-          f"from cache {stats.bases_from_cache}; {threads} CPU threads")
+          f"from cache {stats.bases_from_cache}; CPU threads {threads}")
     all_modules: list[ModuleReport] = []
     any_done = False
     for result, out in zip(results, outs):
