@@ -174,9 +174,11 @@ class BasisCache:
         return self.evict(int(max_gb * 2**30))
 
     def describe(self, max_gb: float | None = None) -> str:
-        """``basis cache: 1.02 GB in 412 bases (limit 4 GB) at <root>`` for node and CLI output."""
+        """``basis cache: 1.02 GB in 412 bases (limit 4 GB) at <root>`` (MB below 1 GB) for node and CLI output."""
+        size = self.size_bytes()
+        shown = f"{size / 2**30:.2f} GB" if size >= 2**30 else f"{size / 2**20:.1f} MB"
         limit = "" if max_gb is None else f" (limit {max_gb:g} GB)"
-        return f"basis cache: {self.size_bytes() / 2**30:.2f} GB in {self.entries()} bases{limit} at {self.root}"
+        return f"basis cache: {shown} in {self.entries()} bases{limit} at {self.root}"
 
     def clear(self) -> None:
         shutil.rmtree(self.root / "bases", ignore_errors=True)

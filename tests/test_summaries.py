@@ -181,3 +181,101 @@ def test_threads_default_and_option(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert torch.get_num_threads() == int(os.environ.get("PROLORA_TEST_THREADS", "1")), "the thread count is restored after a run"
     rc, _, err = run_main(["transfer", "--source-base", source, "--target-base", target, "--lora", lora, "--threads", "0", *EXACT], capsys)
     assert rc == 2 and "--threads must be positive" in err
+
+
+# --------------------------------------------------------------------------------------
+# Inside the real ComfyUI host: Transfer LoRA (files), ProLoRA Cache, Match Modules
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def models(comfyui: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """models/diffusion_models with the zoo's source and descendant B (pruned, two blocks
+    renumbered), models/loras/zoo/ with the style LoRA trained on the source, and the basis cache,
+    all under ``tmp_path`` for this test only."""
+    import folder_paths
+
+    for folder in ("diffusion_models", "loras"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, folder, ([str(tmp_path / folder)], folder_paths.folder_names_and_paths[folder][1]))
+    for name in ("source", "descendant_b"):
+        shutil.copy(ZOO / f"{name}.safetensors", tmp_path / "diffusion_models")
+    (tmp_path / "loras" / "zoo").mkdir()
+    shutil.copy(ZOO / "lora_style_source.safetensors", tmp_path / "loras" / "zoo" / "style.safetensors")
+    monkeypatch.setenv("PROLORA_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def _files(nodes_by_id: dict[str, Any], pairing: str, **kw: Any) -> tuple[str, str]:
+    args = {"source_model": "diffusion_models/source.safetensors", "target_model": "diffusion_models/descendant_b.safetensors",
+            "lora_name": "zoo/style.safetensors", "more_loras": "", "mode": "prolora-full", "subspace_rank": 0, "threshold": 0.8,
+            "pairing": pairing, "filename_pattern": "{lora}__to_{target}", "device": "cpu", **kw}
+    names, text = nodes_by_id["ProLoRATransferLoRAFiles"].execute(**args).args
+    return names, text
+
+
+def _bases(cache: Path) -> int:
+    return len(list((cache / "bases").rglob("*.safetensors")))
+
+
+def test_files_node_sums_up_hints_and_writes_next_to_its_input(nodes_by_id: dict[str, Any], models: Path) -> None:
+    from prolora_core.lora import read_lora
+
+    n_modules = len(read_lora(models / "loras" / "zoo" / "style.safetensors").modules)
+    names, text = _files(nodes_by_id, "name", cache_max_gb=4.0)
+    total, groups = group_lines(text)
+    assert total == n_modules == sum(groups.values()), text
+    assert groups["below threshold (Φ < 0.8)"] == 10 and groups["target has no such module (e.g. a removed block)"] == 24, text
+    may = int(re.search(r"similarity pairing may place (\d+) of these 34 \(pairing = similarity\)", text).group(1))  # type: ignore[union-attr]
+    assert "text-encoder" not in text and re.search(r"transferred \(norm ratio \d\.\d\d\)", text), text
+    assert names == "zoo/style__to_descendant_b.safetensors" and (models / "loras" / "zoo" / "style__to_descendant_b.safetensors").is_file()
+    assert f"saved as {names}" in text and re.search(r"basis cache: \d+\.\d MB in \d+ bases \(limit 4 GB\)", text), text
+    assert _bases(models / "cache") > 0
+
+    names2, text2 = _files(nodes_by_id, "similarity", cache_max_gb=0.0)
+    _, groups2 = group_lines(text2)
+    gained = next(n for label, n in groups2.items() if label.startswith("transferred")) - next(n for label, n in groups.items() if label.startswith("transferred"))
+    assert gained == may == 20, (text, text2)  # the hint is what similarity pairing then placed: both renumbered blocks
+    assert names2 == "zoo/style__to_descendant_b_2.safetensors", "never over an existing output"
+    assert _bases(models / "cache") == 0 and "in 0 bases (limit 0 GB)" in text2, text2
+
+
+def test_cache_node_shows_limits_and_clears_the_cache(nodes_by_id: dict[str, Any], models: Path) -> None:
+    cache_node = nodes_by_id["ProLoRACache"]
+    _files(nodes_by_id, "name")
+    n = _bases(models / "cache")
+    (info,) = cache_node.execute(action="show", max_gb=4.0).args
+    assert n > 0 and f"in {n} bases at {models / 'cache'}" in info, info
+    entries = sorted((models / "cache" / "bases").rglob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+    keep = entries[-1].stat().st_size
+    for i, p in enumerate(entries):
+        os.utime(p, ns=(10**9 + i, 10**9 + i))  # oldest first, the last one most recently used
+    (info,) = cache_node.execute(action="apply limit", max_gb=(keep + 1) / 2**30).args
+    assert _bases(models / "cache") == 1 and entries[-1].is_file() and f"removed the {n - 1} least recently used bases" in info, info
+    (info,) = cache_node.execute(action="clear", max_gb=4.0).args
+    assert _bases(models / "cache") == 0 and not (models / "cache" / "files").exists() and "in 0 bases" in info and "cleared" in info
+
+
+def test_match_modules_summary_adds_up_and_hints_on_the_pruned_model(nodes_by_id: dict[str, Any], comfyui: Any) -> None:
+    def run(node_id: str, **kw: Any) -> tuple:
+        return tuple(nodes_by_id[node_id].execute(**kw).args)
+
+    src, tgt, lora, _ = run("ProLoRADemoModels", target="descendant B, pruned + distilled", lora="style")
+    (bs,) = run("ProLoRAComputeBasis", model=src, clip=None, subspace_rank=0, device="cpu", use_cache=False)
+    (bt,) = run("ProLoRAComputeBasis", model=tgt, clip=None, subspace_rank=0, device="cpu", use_cache=False)
+    node = nodes_by_id["ProLoRAMatchModules"]
+    out = node.execute(source_basis=bs, target_basis=bt, lora=lora, threshold=0.8, pairing="name")
+    match, summary = out.args
+    total, groups = group_lines(summary)
+    assert total == len(lora_modules(lora)) == sum(groups.values()), summary
+    assert groups["pass (would be transferred)"] == 50 and groups["below threshold (Φ < 0.8)"] == 10, summary
+    assert "similarity pairing may place 20 of these 34 (pairing = similarity)" in summary, summary
+    panel = out.ui["prolora_match"][0]
+    assert sum(panel["groups"].values()) == panel["lora_modules"] == total and panel["similarity_may_place"] == 20
+    _, summary = run("ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=lora, threshold=0.8, pairing="similarity")
+    total, groups = group_lines(summary)
+    assert groups["pass (would be transferred) (20 re-paired by similarity)"] == 70 and sum(groups.values()) == total, summary
+
+
+def lora_modules(lora: dict) -> set[str]:
+    return {k.split(".")[0] for k in lora if "." in k}
