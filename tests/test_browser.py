@@ -193,6 +193,7 @@ def test_workflow_in_the_browser_shows_the_match_report_and_compare_slider(serve
     assert int(panel["skipped"]) == report["modules"] - report["passing"] and panel["pairing"] == report["pairing"] == "name"
     assert 0 < report["passing"] < report["modules"] == len(MODULES)  # some transferred, the output-block ones skipped
     assert panel["strip_cells"] == len(panel["rows"]) == report["modules"]
+    assert panel["groups"] == report["groups"] and sum(panel["groups"].values()) == int(panel["lora_modules"]) == report["lora_modules"] == len(MODULES)
     by_source = {r["source"]: r for r in report["rows"]}
     for row in panel["rows"]:
         assert row["cls"] == ("pass" if by_source[row["source"]]["passes"] else "skip"), row

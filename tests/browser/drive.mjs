@@ -82,6 +82,8 @@ try {
     const rect = el.getBoundingClientRect();
     return {
       passing: f("passing"), modules: f("modules"), threshold: f("threshold"), skipped: f("skipped"), pairing: f("pairing"),
+      lora_modules: f("lora_modules"),
+      groups: Object.fromEntries([...el.querySelectorAll("[data-group]")].map((g) => [g.dataset.group, Number(g.querySelector("b").textContent)])),
       strip_cells: el.querySelectorAll(".prolora-strip .cell").length,
       rows: [...el.querySelectorAll("tbody tr")].map((tr) => ({ source: tr.dataset.source, cls: tr.className,
         status: tr.querySelector(".status").textContent })),
