@@ -20,8 +20,8 @@ from ..prolora_core.errors import ProLoRAError
 from ..prolora_core.lora import read_lora
 from ..prolora_core.outputs import DEFAULT_PATTERN, free_path, output_stem
 from ..prolora_core.projection import MODES
-from ..prolora_core.report import format_summary
 from ..prolora_core.provenance import output_metadata
+from ..prolora_core.report import format_summary
 from ..prolora_core.safetensors_io import atomic_save
 from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, Planned, TransferConfig, transfer
 from ..prolora_core.weights import SafetensorsWeights
@@ -139,8 +139,8 @@ class TransferLoRAFiles(io.ComfyNode):
         source.save_memo()
         target.save_memo()
         evicted = cache.limit(cache_max_gb)
-        saved, lines = [], [f"ProLoRA {mode}, pairing {pairing}: {source.label} → {target.label}; bases computed {stats.svd_computed}, "
-                            f"from cache {stats.bases_from_cache}; CPU threads {config.threads}"]
+        saved, lines = [], [(f"ProLoRA {mode}, pairing {pairing}: {source.label} → {target.label}; bases computed {stats.svd_computed}, "
+                             f"from cache {stats.bases_from_cache}; CPU threads {config.threads}")]
         for result, path, stem in zip(results, paths, stems):
             s = result.summary()
             lines += format_summary(path.name, s, threshold)

@@ -15,8 +15,17 @@ from ..prolora_core.lora import LoraFile, parse_state_dict
 from ..prolora_core.names import name_style
 from ..prolora_core.provenance import output_metadata
 from ..prolora_core.report import GROUPS, SimilarityHint, format_summary
-from ..prolora_core.transfer import (BasisProvider, ModuleMatch, ModuleReport, Planned, TransferConfig, TransferResult, check_fits, match_modules,
-                                     project_loras)
+from ..prolora_core.transfer import (
+    BasisProvider,
+    ModuleMatch,
+    ModuleReport,
+    Planned,
+    TransferConfig,
+    TransferResult,
+    check_fits,
+    match_modules,
+    project_loras,
+)
 from .bridge import CLIP, BasisHandle, LoraModel, check_interrupt, native_module, progress
 
 

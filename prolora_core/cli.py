@@ -23,8 +23,8 @@ from .config import default_threads
 from .errors import ProLoRAError
 from .lora import LoraFile, LoraModule, read_lora
 from .names import BaseIndex
-from .projection import MODES
 from .outputs import DEFAULT_PATTERN, free_path, output_stem
+from .projection import MODES
 from .provenance import output_metadata
 from .report import format_summary, is_text_encoder_module
 from .safetensors_io import atomic_save, atomic_write, check_output_path
@@ -118,8 +118,8 @@ def _not_mapped_warnings(plan: list, loras: list[LoraFile], source_label: str, s
     te = [p for p in missing if is_text_encoder_module(p.module.name)]
     other = [p for p in missing if not is_text_encoder_module(p.module.name)]
     for group, msg in ((other, f"{len(other)} LoRA modules have no weight in {source_label}"),
-                       (te, f"{len(te)} text-encoder modules are left out: text-encoder names are not mapped from files yet "
-                            "(the ComfyUI nodes map them, with a CLIP connected to Compute Basis)")):
+                       (te, (f"{len(te)} text-encoder modules are left out: text-encoder names are not mapped from files yet "
+                             "(the ComfyUI nodes map them, with a CLIP connected to Compute Basis)"))):
         if not group:
             continue
         msg += ": " + _first([f"'{p.module.name}'" for p in group])

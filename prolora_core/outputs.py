@@ -13,7 +13,7 @@ _FIELDS = ("lora", "target", "source", "mode")
 
 
 def _stem(name: str) -> str:
-    return name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+    return name.removesuffix(".safetensors")
 
 
 def output_stem(pattern: str, lora: str | Path, target: str, source: str = "", mode: str = "") -> str:

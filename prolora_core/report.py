@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .lora import LoraFile, split_module_key
 
+
 @dataclass
 class ModuleReport:
     """One LoRA module's fate. Norms are Frobenius norms of the dense ``ΔW`` (scale included).

@@ -5,7 +5,6 @@ one kind of weight, outputs named after the target next to their input, the basi
 and clearing from the nodes, and the CPU thread default."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -15,9 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from fixtures_files import decaying_weight, make_updates, read_report, run_main, write_base, write_lora
+from safetensors.torch import save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ZOO = REPO_ROOT / "zoo"
@@ -131,7 +129,7 @@ def test_similarity_candidates_stay_in_one_model_part_and_kind(tmp_path: Path, c
     # cross model parts or kinds: the module stays below threshold, its candidate the UNet query weight.
     rng = np.random.default_rng(11)
     w = decaying_weight(rng, (24, 40))
-    near = lambda: (w + 0.01 * rng.standard_normal(w.shape)).astype(np.float32)  # noqa: E731
+    near = lambda: (w + 0.01 * rng.standard_normal(w.shape)).astype(np.float32)
     src = write_base(tmp_path / "src.safetensors", {"blocks.0.attn.to_q": w}, prefix="model.diffusion_model.")
     tensors = {"model.diffusion_model.blocks.0.attn.to_q.weight": torch.from_numpy(decaying_weight(rng, (24, 40))),
                "model.diffusion_model.blocks.0.ff.net.2.weight": torch.from_numpy(near()),
@@ -141,7 +139,7 @@ def test_similarity_candidates_stay_in_one_model_part_and_kind(tmp_path: Path, c
     report = tmp_path / "r.json"
     rc, out, err = run_main(["transfer", "--source-base", src, "--target-base", tmp_path / "tgt.safetensors", "--lora", lora, "--pairing", "similarity",
                              "--report", report, "--out", tmp_path / "o.safetensors", *EXACT], capsys)
-    assert rc == 1, err  # nothing transferable
+    assert rc == 1 and group_lines(out) == (1, {"below threshold (Φ < 0.8)": 1}), err + out  # nothing transferable
     (row,) = read_report(report)["modules"]
     assert row["reason"] == "below threshold" and row["candidate"] == "blocks.0.attn.to_q" and row["candidate_phi"] < 0.5
 
@@ -174,8 +172,8 @@ def test_threads_default_and_option(tmp_path: Path, capsys: pytest.CaptureFixtur
     lora = renumbered_lora(tmp_path / "ink.safetensors", text_encoder=False)
     for extra, want in (([], default_threads()), (["--threads", "2"], 2), (["--deterministic", "--threads", "3"], 1)):
         report = tmp_path / "r.json"
-        rc, out, err = run_main(["transfer", "--source-base", source, "--target-base", target, "--lora", lora, "--report", report,
-                                 "--out", tmp_path / "o.safetensors", *EXACT, *extra], capsys)
+        rc, _, err = run_main(["transfer", "--source-base", source, "--target-base", target, "--lora", lora, "--report", report,
+                               "--out", tmp_path / "o.safetensors", *EXACT, *extra], capsys)
         assert rc == 0, err
         assert read_report(report)["summary"]["threads"] == want
     assert torch.get_num_threads() == int(os.environ.get("PROLORA_TEST_THREADS", "1")), "the thread count is restored after a run"
@@ -265,7 +263,7 @@ def test_match_modules_summary_adds_up_and_hints_on_the_pruned_model(nodes_by_id
     (bt,) = run("ProLoRAComputeBasis", model=tgt, clip=None, subspace_rank=0, device="cpu", use_cache=False)
     node = nodes_by_id["ProLoRAMatchModules"]
     out = node.execute(source_basis=bs, target_basis=bt, lora=lora, threshold=0.8, pairing="name")
-    match, summary = out.args
+    _, summary = out.args
     total, groups = group_lines(summary)
     assert total == len(lora_modules(lora)) == sum(groups.values()), summary
     assert groups["pass (would be transferred)"] == 50 and groups["below threshold (Φ < 0.8)"] == 10, summary
