@@ -39,6 +39,7 @@ _PARTS: tuple[tuple[str, str], ...] = (
     (r"^text_encoders\.([^.]+)\.", r"text encoder \1"),
     (r"^(?:cond_stage_model|text_encoder|te)\.", "text encoder"),
     (r"^(?:text_encoder_2|te2)\.", "text encoder 2"),
+    (r"^(clip_[lgh]|t5xxl|t5xl|t5base|umt5xxl|llama)\.", r"text encoder \1"),  # ComfyUI's CLIP state dict
     (r"^(?:first_stage_model|vae)\.", "vae"),
 )
 _ATTENTION = {"to_q", "to_k", "to_v", "to_out", "q_proj", "k_proj", "v_proj", "out_proj", "qkv", "proj_attn", "query", "key", "value",

@@ -118,6 +118,7 @@ def test_similarity_candidates_stay_in_one_model_part_and_kind(tmp_path: Path, c
     assert model_part("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight") == "text encoder 1"
     assert model_part("cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight") == "text encoder"
     assert model_part("text_encoders.clip_g.transformer.text_model.encoder.layers.0.mlp.fc1.weight") == "text encoder clip_g"
+    assert model_part("clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight") == "text encoder clip_l"
     assert weight_kind("model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight") == "attention"
     assert weight_kind("model.diffusion_model.input_blocks.4.1.transformer_blocks.0.ff.net.2.weight") == "feed-forward"
     assert weight_kind("cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight") == "feed-forward"
