@@ -103,18 +103,16 @@ def best_candidates(matches: dict[str, ModuleMatch], skipped: Sequence[str], sou
     ``4 * HINT_SAMPLE``, from the cache or computed). A missing source basis comes from the cache
     or is computed, for at most :data:`HINT_SAMPLE` keys (evenly spread)."""
     pool: dict[tuple, dict[str, Basis]] = {}
-    k_of: dict[tuple, int] = {}
     for m in matches.values():
         if m.target_key is not None and m.target_basis is not None:
             pool.setdefault(candidate_class(m.target_key, target.shape(m.target_key)), {})[m.target_key] = m.target_basis
-    wanted = {candidate_class(k, source.shape(k)): matches[k].k for k in dict.fromkeys(skipped)}
-    k_of.update(wanted)
+    wanted = {candidate_class(k, source.shape(k)): matches[k].k for k in dict.fromkeys(skipped)}  # class → subspace rank k
     source_names, target_index = BaseIndex(source.keys()), BaseIndex(target.keys())
     new_names = [key for cls, keys in target_candidates(target).items() if cls in wanted for key in keys
                  if source_names.find_bare(target_index.bare_name(key)) is None and key not in pool.get(cls, {})]
     for key in new_names[: 4 * HINT_SAMPLE]:
         cls = candidate_class(key, target.shape(key))
-        pool.setdefault(cls, {})[key] = provider.get(target, key, k_of[cls])
+        pool.setdefault(cls, {})[key] = provider.get(target, key, wanted[cls])
     with_class = [k for k in dict.fromkeys(skipped) if candidate_class(k, source.shape(k)) in pool]
     missing = [k for k in with_class if matches[k].source_basis is None]
     step = max(1, -(-len(missing) // HINT_SAMPLE))
@@ -159,7 +157,7 @@ def suggest_candidates(results: Sequence[TransferResult], matches: dict[str, Mod
             rep.candidate, rep.candidate_phi = index.bare_name(cand.target_key), cand.similarity.phi
     if config.pairing != "name":
         return
-    classes = {candidate_class(k, target.shape(k)) for keys in target_candidates(target).values() for k in keys}
+    classes = set(target_candidates(target))
     for result in results:
         skipped = [m for m in result.modules if m.source_key in matches and not matches[m.source_key].basis_free  # type: ignore[index]
                    and m.group in ("below_threshold", "no_such_module")]
