@@ -171,7 +171,7 @@ def format_summary(name: str, summary: dict, threshold: float, text_encoder_reas
             if summary.get("norm_ratio") is not None:
                 extra.append(f"norm ratio {summary['norm_ratio']:.2f}")
             if summary.get("energy_kept") is not None:
-                extra.append(f"{summary['energy_kept']:.1%} of the energy kept")
+                extra.append(f"{summary['energy_kept']:.2%} of the energy kept")
             if summary.get("repaired"):
                 extra.append(f"{summary['repaired']} re-paired by similarity")
             text += f" ({', '.join(extra)})" if extra else ""
