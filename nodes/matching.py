@@ -4,19 +4,40 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import comfy.lora_convert
 
+from ..prolora_core.candidates import suggest_candidates
 from ..prolora_core.errors import ProLoRAError
-from ..prolora_core.linalg import matrix_shape
+from ..prolora_core.linalg import matrix_shape, resolve_device
 from ..prolora_core.lora import LoraFile, parse_state_dict
 from ..prolora_core.modulation import modulation_line
 from ..prolora_core.names import name_style
 from ..prolora_core.provenance import output_metadata
 from ..prolora_core.slices import parse_place
-from ..prolora_core.transfer import ModuleMatch, Planned, TransferConfig, TransferResult, check_fits, match_modules, project_loras
-from .bridge import BasisHandle, LoraModel, ReadOnlyDict, check_interrupt, native_module, progress
+from ..prolora_core.report import GROUPS, SimilarityHint, format_summary
+from ..prolora_core.transfer import (
+    BasisProvider,
+    ModuleMatch,
+    ModuleReport,
+    Planned,
+    TransferConfig,
+    TransferResult,
+    check_fits,
+    match_modules,
+    project_loras,
+)
+from .blocks import with_blocks
+from .bridge import CLIP, BasisHandle, LoraModel, ReadOnlyDict, check_interrupt, native_module, progress
+
+
+class Verdict(NamedTuple):
+    """Match Modules' verdict on a LoRA's modules, and the bases its similarity hint needed."""
+
+    result: TransferResult
+    svd_computed: int
+    bases_from_cache: int
 
 
 @dataclass(frozen=True)
@@ -35,6 +56,19 @@ class MatchHandle:
     unmapped: tuple[str, ...] = ()
     svd_computed: int = 0
     bases_from_cache: int = 0
+    #: the LoRA given to Match Modules, and each of its modules' (part, source weight key)
+    lora: LoraFile | None = None
+    planned: Mapping[str, tuple[str, str]] = field(default_factory=lambda: ReadOnlyDict())
+
+    def with_lora(self, lora: LoraFile) -> MatchHandle:
+        """A handle that plans ``lora`` on the source model (ComfyUI's key maps) and matches the
+        weights it touches; ``self`` is left as it is."""
+        plans, unmapped = plan_lora(lora, self.source)
+        out = replace(self, lora=lora, unmapped=tuple(unmapped),
+                      planned=ReadOnlyDict({p.module.name: (part, p.source_key) for part, plan in plans.items() for p in plan if p.source_key}))
+        for part, plan in plans.items():
+            out = out.extended(part, [p.source_key for p in plan if p.source_key])
+        return out
 
     def extended(self, part: str, keys: list[str], pair_only: Collection[str] = ()) -> MatchHandle:
         """A handle that also matches the source weights in ``keys`` not matched yet (``pair_only``:
@@ -71,15 +105,58 @@ class MatchHandle:
                 })
         return out
 
-    def summary(self) -> str:
+    def module_reports(self) -> Verdict | None:
+        """The match's verdict per LoRA module as a :class:`TransferResult` without tensors (passing
+        = would be transferred), with best candidates and the similarity-pairing hint; ``None``
+        without a LoRA. Counted by the same :meth:`TransferResult.summary` as a transfer. The bases
+        the hint needed are counted in the verdict (the handle itself is immutable)."""
+        if self.lora is None:
+            return None
+        reports = []
+        for name, mod in self.lora.modules.items():
+            part, key = self.planned.get(name, (None, None))
+            m = self.matches.get(part, {}).get(key) if part is not None else None  # type: ignore[arg-type]
+            rep = ModuleReport(str(self.lora.path or "<LORA_MODEL>"), name, None, key, None, False, "no base weight", kind=mod.kind)
+            if m is not None:
+                ok = m.passes(self.config)
+                rep.transferred = ok
+                rep.reason = ("transferred" if mod.update is not None else "carried over unchanged") if ok else (m.reason or "below threshold")
+                rep.target_key, rep.repaired = (m.target_key, m.repaired) if ok else (None, False)
+            reports.append(rep)
+        result = TransferResult(self.lora, {}, reports)
+        provider = BasisProvider(self.config.basis, resolve_device(self.config.device), self.source.cache())
+        for part, matches in self.matches.items():
+            tgt = self.target.parts.get(part)
+            if tgt is None:
+                continue
+            mine = TransferResult(self.lora, {}, [r for r in reports if self.planned.get(r.source, ("", ""))[0] == part])
+            suggest_candidates([mine], matches, self.source.parts[part], tgt, self.config, provider)
+            hint = mine.similarity_hint
+            if hint is not None:
+                old = result.similarity_hint or SimilarityHint(0, 0, 0)
+                result.similarity_hint = SimilarityHint(old.placed + hint.placed, old.looked_at + hint.looked_at, old.skipped + hint.skipped)
+        return Verdict(result, provider.stats.svd_computed, provider.stats.bases_from_cache)
+
+    def summary(self, verdict: Verdict | None = None) -> str:
+        """Readable summary; with a LoRA, its modules' groups add up to the LoRA's module count."""
         rows = self.rows()
         passing = sum(r["passes"] for r in rows)
         lines = [
             f"ProLoRA match: {self.source.label} → {self.target.label}",
             f"pairing={self.config.pairing} threshold={self.config.threshold:g} subspace rank={self.config.subspace_rank or 'auto min(64, d/4)'}",
-            f"modules matched: {len(rows)}, passing the threshold: {passing}, re-paired: {sum(r['repaired'] for r in rows)}",
-            f"bases computed: {self.svd_computed}, from cache: {self.bases_from_cache}",
         ]
+        if verdict is None:
+            verdict = self.module_reports()
+        computed, cached = self.svd_computed, self.bases_from_cache
+        if verdict is not None:
+            computed, cached = computed + verdict.svd_computed, cached + verdict.bases_from_cache
+            te_reason = "no weight in the source model's text encoder" if CLIP in self.source.parts else "connect a CLIP to Compute Basis to transfer them"
+            result = verdict.result
+            lines += format_summary(result.lora.path.name if result.lora.path else "LoRA", result.summary(), self.config.threshold, te_reason,
+                                    labels={"transferred": "pass (would be transferred)", "carried_over": "carried over unchanged (1-D parts only)"})
+        else:
+            lines.append(f"weights matched: {len(rows)}, passing the threshold: {passing}, re-paired: {sum(r['repaired'] for r in rows)}")
+        lines.append(f"bases computed: {computed}, from cache: {cached}")
         for label, handle in (("source", self.source), ("target", self.target)):
             if any(handle.patched.values()):
                 lines.append(f"note: the {label} model carries patches on {handle.patched} weights (merges or LoRAs); bases are of the patched weights")
@@ -87,12 +164,22 @@ class MatchHandle:
             lines.append(f"LoRA modules with no weight in the source model ({len(self.unmapped)}): {', '.join(self.unmapped[:8])}")
         phis = [min(r["phi_u"], r["phi_v"]) for r in rows if r["phi_u"] is not None]
         if phis:
-            lines.append(f"Φ (min of U/V): min {min(phis):.3f}, median {sorted(phis)[len(phis) // 2]:.3f}, max {max(phis):.3f}")
+            lines.append(f"Φ (min of U/V): min {min(phis):.2f}, median {sorted(phis)[len(phis) // 2]:.2f}, max {max(phis):.2f}")
         group = modulation_line((r["source"], None if r["phi_u"] is None else min(r["phi_u"], r["phi_v"]), r["passes"], r["target"] is not None)
                                 for r in rows)
         if group:
             lines.append(group)
         return "\n".join(lines)
+
+    def panel(self, verdict: Verdict | None = None) -> dict[str, Any]:
+        """What the web panel of Match Modules shows (``ui["prolora_match"][0]``); rows carry their
+        block and model-order position (:func:`.blocks.with_blocks`)."""
+        rows = with_blocks(self.rows())
+        s = verdict.result.summary() if verdict is not None else None
+        return {"threshold": self.config.threshold, "pairing": self.config.pairing, "modules": len(rows), "passing": sum(r["passes"] for r in rows),
+                "rows": rows, "unmapped": list(self.unmapped), "lora_modules": None if s is None else s["modules"],
+                "groups": None if s is None else {GROUPS[k]: n for k, n in s["groups"].items() if n},
+                "similarity_may_place": None if s is None else s["similarity_may_place"]}
 
 
 #: Why a module is not transferred when ComfyUI's key maps do not know its name.

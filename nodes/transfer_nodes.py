@@ -9,9 +9,8 @@ from ..prolora_core.errors import ProLoRAError
 from ..prolora_core.modulation import modulation_line
 from ..prolora_core.projection import MODES
 from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, TransferConfig, overall_norm_ratio
-from .blocks import with_blocks
 from .bridge import UNET, build_handle
-from .matching import MatchHandle, all_weight_keys, parse_lora_model, plan_lora, project_lora_model, unused_lines
+from .matching import MatchHandle, all_weight_keys, parse_lora_model, project_lora_model, unused_lines
 
 CATEGORY = "ProLoRA"
 PREFIX = "ProLoRA"
@@ -85,21 +84,15 @@ class MatchModules(io.ComfyNode):
         unused: list[str] = []
         if lora is not None:
             parsed = parse_lora_model(lora)
-            plans, unmapped = plan_lora(parsed, source_basis)
-            match = replace(match, unmapped=tuple(unmapped))
-            unused = unused_lines(parsed, unmapped)
-            for part, plan in plans.items():
-                match = match.extended(part, [p.source_key for p in plan if p.source_key])
+            match = match.with_lora(parsed)
+            unused = unused_lines(parsed, match.unmapped)
         else:
             for part in source_basis.parts:
                 if part in target_basis.parts:
                     match = match.extended(part, all_weight_keys(source_basis, part))
-        rows = with_blocks(match.rows())
-        ui = {"prolora_match": [{
-            "threshold": threshold, "pairing": pairing, "modules": len(rows), "passing": sum(r["passes"] for r in rows),
-            "rows": rows, "unmapped": list(match.unmapped), "unused": unused,
-        }]}
-        return io.NodeOutput(match, "\n".join([match.summary(), *unused]), ui=ui)
+        verdict = match.module_reports()
+        panel = {**match.panel(verdict), "unused": unused}
+        return io.NodeOutput(match, "\n".join([match.summary(verdict), *unused]), ui={"prolora_match": [panel]})
 
 
 class ProjectLoRA(io.ComfyNode):

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .basis import Basis, BasisSettings, compute_basis
 from .cache import BasisCache
+from .candidates import candidate_class, target_candidates
 from .config import ProgressFn, TransferConfig
 from .errors import ProLoRAError
 from .linalg import all_finite, cpu_fallback, matrix_shape, resolve_device, torch_threads
@@ -146,7 +147,7 @@ def _match_modules(source_keys: Sequence[str], source: WeightSource, target: Wei
             match.target_key, match.target_basis = name_key, provider.get(target, name_key, match.k)  # type: ignore[arg-type]
             match.similarity = basis_similarity(match.source_basis, match.target_basis)
             continue
-        for ckey in candidates.get(_shape_class(sshape), []):
+        for ckey in candidates.get(candidate_class(skey, sshape), []):
             cb = cand_bases.get((ckey, match.k))
             if cb is None:
                 cb = cand_bases[(ckey, match.k)] = provider.get(target, ckey, match.k)
@@ -168,15 +169,7 @@ def _name_pair(skey: str, source_index: BaseIndex, target_index: BaseIndex, targ
     return s.on(base).virtual_key if base is not None and s.fits(tuple(target.shape(base))) else None
 
 
-def _shape_class(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return (len(shape), *matrix_shape(shape))
-
-
-def _candidates(target: WeightSource) -> dict[tuple[int, ...], list[str]]:
-    """Target weights by shape class: what similarity pairing may choose from."""
-    out: dict[tuple[int, ...], list[str]] = {}
-    for key in target.keys():
-        shape = target.shape(key)
-        if key.endswith(".weight") and len(shape) in (2, 4) and min(matrix_shape(shape)) > 1:
-            out.setdefault(_shape_class(shape), []).append(key)
-    return out
+def _candidates(target: WeightSource) -> dict[tuple, list[str]]:
+    """Target weights by candidate class (model part, kind of weight, shape): what similarity
+    pairing may choose from (:func:`.candidates.candidate_class`)."""
+    return target_candidates(target)

@@ -196,6 +196,7 @@ def test_workflow_in_the_browser_shows_the_match_report_and_compare_slider(serve
     in_order = [r["block"] for r in sorted(report["rows"], key=lambda r: r["order"])]
     assert panel["strip_blocks"] == in_order  # the strip draws the node's grouping, it does not regroup
     assert in_order[0] == "in 1" and in_order[-1] == "out 3" and panel["strip_gaps"] == len(dict.fromkeys(in_order)) - 1
+    assert panel["groups"] == report["groups"] and sum(panel["groups"].values()) == int(panel["lora_modules"]) == report["lora_modules"] == len(MODULES)
     by_source = {r["source"]: r for r in report["rows"]}
     for row in panel["rows"]:
         assert row["cls"] == ("pass" if by_source[row["source"]]["passes"] else "skip"), row

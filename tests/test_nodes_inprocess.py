@@ -234,7 +234,7 @@ def test_similarity_pairing_and_patched_model_are_reported(nodes_by_id: dict[str
     (bs,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=src, clip=None, subspace_rank=0, device="cpu", use_cache=False)
     (bt,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=tgt, clip=None, subspace_rank=0, device="cpu", use_cache=False)
     match, summary = _run(nodes_by_id, "ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=lora, threshold=0.8, pairing="similarity")
-    assert "re-paired: 1" in summary
+    assert "1 re-paired by similarity" in summary
     out, _ = _run(nodes_by_id, "ProLoRAProjectLoRA", lora=lora, match=match, mode="prolora-full", out_rank=0, rescale_to_source_norm=False)
     assert {k.rsplit(".", 2)[0] if not k.endswith(".alpha") else k[: -len(".alpha")] for k in out} == {f"diffusion_model.{b}"}
     assert out.save_names[f"diffusion_model.{b}"] == f"lora_unet_{b.replace('.', '_')}"  # named after the target, kohya style kept

@@ -1,7 +1,7 @@
 // ProLoRA Transfer: web panels for the node pack.
-//  * Match Modules (ProLoRAMatchModules): after a run, the match report on the node: counts, threshold,
-//    a heat strip of Φ per module (model order, grouped by block, both as sent by the node) and a table
-//    with pass/skip colouring.
+//  * Match Modules (ProLoRAMatchModules): after a run, the match report on the node: counts, threshold, the
+//    LoRA's modules by fate (they add up) with the similarity-pairing hint, a heat strip of Φ per module
+//    (model order, grouped by block, both as sent by the node) and a table with pass/skip colouring.
 //  * Compare (ProLoRACompare): a side-by-side view of two branches with a slider that reveals one over
 //    the other, from the images the node saved to ComfyUI's temp folder.
 import { app } from "../../scripts/app.js";
@@ -18,7 +18,7 @@ const CSS = `
 .prolora-panel .prolora-empty { color: #888; font-style: italic; }
 .prolora-head { display: flex; flex-wrap: wrap; gap: 4px 12px; margin-bottom: 4px; }
 .prolora-head b { color: #fff; }
-.prolora-pass { color: #5fd35f; } .prolora-skip { color: #ff6b6b; }
+.prolora-pass { color: #5fd35f; } .prolora-skip { color: #ff6b6b; } .prolora-hint { color: #ffd166; }
 .prolora-strip { display: flex; flex-wrap: wrap; gap: 1px; margin: 4px 0 6px; align-items: flex-end; }
 .prolora-strip .cell { width: 11px; height: 16px; border-bottom: 3px solid transparent; }
 .prolora-strip .cell.pass { border-bottom-color: #2ca02c; } .prolora-strip .cell.skip { border-bottom-color: #d62728; }
@@ -92,6 +92,16 @@ function renderMatch(panel, data) {
       h("span", {}, "pairing ", h("b", { "data-field": "pairing" }, data.pairing)),
       data.unmapped && data.unmapped.length ? h("span", { class: "prolora-skip", title: data.unmapped.join("\n") },
         `unmapped LoRA modules: ${data.unmapped.length}`) : null));
+  // the LoRA's modules by fate (they add up to its module count), and the similarity-pairing hint
+  if (data.groups && data.lora_modules != null) {
+    panel.append(h("div", { class: "prolora-head", "data-field": "groups", title: "every module of the LoRA, by what happens to it" },
+      h("span", {}, "LoRA modules ", h("b", { "data-field": "lora_modules" }, data.lora_modules), ":"),
+      Object.entries(data.groups).map(([label, n]) => h("span", { "data-group": label }, h("b", {}, n), ` ${label}`))));
+    if (data.similarity_may_place) {
+      panel.append(h("div", { class: "prolora-head prolora-hint", "data-field": "similarity_may_place" },
+        `similarity pairing may place ${data.similarity_may_place} of the skipped modules (pairing = similarity)`));
+    }
+  }
 
   // heat strip in model order, a gap between blocks: the order and block labels come with the rows
   // (computed once in Python, nodes/blocks.py with_blocks, the same grouping as the Report picture)
