@@ -308,11 +308,13 @@ def test_files_node_transfers_a_diffusers_flux_lora_on_slices(nodes_by_id: dict[
     try:
         names, report = _run(nodes_by_id, "ProLoRATransferLoRAFiles", source_model="diffusion_models/flux_src.safetensors",
                              target_model="diffusion_models/flux_tgt.safetensors", lora_name="flux_style.safetensors", more_loras="",
-                             mode="copy", subspace_rank=0, threshold=0.0, pairing="name", suffix="_copy", device="cpu")
+                             mode="copy", subspace_rank=0, threshold=0.0, pairing="name", filename_pattern="{lora}__to_{target}",
+                             device="cpu")
     finally:
         for folder in ("diffusion_models", "loras"):
             folder_paths.folder_names_and_paths[folder][0].remove(str(models / folder))
-    assert f"{len(DIFFUSERS)}/{len(DIFFUSERS)} transferred" in report, report
+    assert f"flux_style.safetensors: {len(DIFFUSERS)} modules\n  {len(DIFFUSERS)} transferred" in report, report
+    assert names.strip() == "flux_style__to_flux_tgt.safetensors", names
     out = load_file(str(models / "loras" / names.strip()))
     assert {PREFIX_D + "attn.to_q.lora_up.weight", PREFIX_S + "proj_mlp.lora_down.weight"} <= set(out), sorted(out)[:6]
     with caplog.at_level(logging.WARNING):
