@@ -29,7 +29,8 @@ written in the source's singular coordinates (both ``d × d``)::
    of those same-sign protected entries are *arbitrated*: ``C = (C_s if |C_s| > |C_d| else C_d) − C_d``,
    so an effect the target already carries is not applied twice.
 5. **Back and re-compress.** ``ΔW_t = U_s C V_sᵀ`` (+ the part outside the thin bases, below), then
-   its best rank-``rank`` approximation (exact SVD) with the share of ``‖ΔW_t‖_F²`` kept reported.
+   its best rank-``rank`` approximation (exact SVD, :func:`.adapters.refactor`; the engine's
+   default rank is the input LoRA's) with the share of ``‖ΔW_t‖_F²`` kept reported.
 
 **Choices where the description is open** (the public code differs in places):
 
@@ -57,6 +58,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .adapters import refactor
 from .errors import ProLoRAError
 from .linalg import as_matrix, linalg_device, resolve_device
 from .projection import Factors
@@ -106,14 +108,15 @@ def compute_dtype(m: int, n: int, device: torch.device) -> torch.dtype:
     return torch.float64 if device.type == "cpu" and m * n <= CPU_FLOAT64_MAX else torch.float32
 
 
-def casa_update(delta: Tensor, w_source: Tensor, w_target: Tensor, rank: int, settings: CasaSettings = CasaSettings(),
+def casa_update(delta: Tensor, w_source: Tensor, w_target: Tensor, rank: int | None, settings: CasaSettings = CasaSettings(),
                 device: torch.device | str | None = None) -> CasaResult:
     """CASA for one module (see the module docstring): ``delta`` is the LoRA's dense ``ΔW``
     (``m × n``, strength and ``alpha / rank`` included), ``w_source`` / ``w_target`` the base weights
-    (any float dtype; conv weights are flattened). Returns ``ΔW_t`` and its rank-``rank`` factors.
+    (any float dtype; conv weights are flattened). Returns ``ΔW_t`` and its rank-``rank`` factors
+    (``rank=None``: :func:`.adapters.refactor`'s rule, the fewest directions keeping 99.9 %, ≤ 64).
 
     Raises :class:`ProLoRAError` when the shapes disagree or ``rank`` is not positive."""
-    if rank <= 0:
+    if rank is not None and rank <= 0:
         raise ProLoRAError(f"output rank must be positive, got {rank}")
     dev = linalg_device(resolve_device(device))
     D0 = as_matrix(delta.detach())
@@ -137,8 +140,8 @@ def casa_update(delta: Tensor, w_source: Tensor, w_target: Tensor, rank: int, se
     elif m < n:  # columns in span(V_s)⊥: the row rule through U_s
         X = D - U @ (keep_r[:, None] * (U.T @ dep))
         out = out + X - (X @ V) @ V.T
-    factors, kept = _best_rank(out, rank)
-    return CasaResult(out, factors, kept, *info)
+    rf = refactor(out, rank)
+    return CasaResult(out, rf.factors, rf.energy_kept, *info)
 
 
 def arbitrate(Cs: Tensor, Cd: Tensor, sigma: Tensor, settings: CasaSettings = CasaSettings()) -> tuple[Tensor, Tensor, Tensor, tuple[int, int, int, int, int]]:
@@ -223,16 +226,3 @@ def quantile(x: Tensor, q: float) -> Tensor:
     lo = int(pos)
     hi = min(lo + 1, s.numel() - 1)
     return s[lo] + (pos - lo) * (s[hi] - s[lo])
-
-
-def _best_rank(delta: Tensor, rank: int) -> tuple[Factors, float]:
-    """Best rank-``rank`` factors of ``delta`` (exact SVD; √σ on each side, scale 1), float32 on
-    the CPU, and the share of ``‖delta‖_F²`` they keep (1 for a zero update)."""
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    energy = S.double().square()
-    total = float(energy.sum())
-    r = min(rank, int(S.shape[0]))
-    root = S[:r].sqrt()
-    up = (U[:, :r] * root).to("cpu", torch.float32)
-    down = (root[:, None] * Vh[:r]).to("cpu", torch.float32)
-    return Factors(up, down, 1.0), (float(energy[:r].sum()) / total if total > 0 else 1.0)

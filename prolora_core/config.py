@@ -10,6 +10,7 @@ from typing import Callable, Literal
 import torch
 
 from .basis import BasisSettings, clamp_rank, default_rank
+from .casa import CasaSettings
 from .errors import ProLoRAError
 from .projection import MODES, Mode
 
@@ -34,6 +35,7 @@ class TransferConfig:
     device: str = "auto"
     basis: BasisSettings = field(default_factory=BasisSettings)
     save_dtype: torch.dtype | None = None  # output dtype; None: the input LoRA's
+    casa: CasaSettings = field(default_factory=CasaSettings)  # mode "casa" only
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
