@@ -64,14 +64,20 @@ from prolora_core.transfer import DEFAULT_THRESHOLD, TransferConfig, TransferRes
 from prolora_core.weights import SafetensorsWeights  # noqa: E402
 
 from . import data as D  # noqa: E402
+from .departure import departure_corrected  # noqa: E402
 from .build_zoo import ksample, load_conditioning, save_grid, with_lora  # noqa: E402
 from .lora_utils import deltas_from_kohya, merged_params  # noqa: E402
 from .models import diffusion_loss, load_zoo_model, sample_training_sigmas, unet_state  # noqa: E402
 
 TARGETS = ("descendant_a_near", "descendant_a", "ladder_mid", "ladder_far", "descendant_b", "unrelated_c", "sibling_c")
 LORAS = ("style", "concept")
-METHODS = ("no LoRA", "copy", "subspace", "prolora", "prolora-full", "trained")
-ENGINE_MODES = {"copy": "copy", "subspace": "subspace", "prolora": "prolora", "prolora-full": "prolora-full"}
+#: The departure-aware trial (evidence/departure.py) applied to ``prolora-full``'s output.
+DEPARTURE = "prolora-full − departure"
+METHODS = ("no LoRA", "copy", "subspace", "prolora", "prolora-full", "casa", DEPARTURE, "trained")
+ENGINE_MODES = {"copy": "copy", "subspace": "subspace", "prolora": "prolora", "prolora-full": "prolora-full", "casa": "casa",
+                DEPARTURE: "prolora-full"}
+#: ``--methods``: run only these (No LoRA and trained always run: they are the ends of the gap).
+ONLY: set[str] | None = None
 #: Pairing of the projection modes per target (default: name). Copy is always by name.
 PAIRING = {"descendant_b": "similarity"}
 NAME_PAIRED = "prolora-full (name)"  # the extra row on similarity-paired targets
@@ -80,9 +86,8 @@ GOAL = {"descendant_b": 0.75}
 
 
 def methods_for(target: str) -> tuple[str, ...]:
-    if PAIRING.get(target, "name") == "name":
-        return METHODS
-    return METHODS[:-1] + (NAME_PAIRED,) + METHODS[-1:]
+    ms = METHODS if PAIRING.get(target, "name") == "name" else METHODS[:-1] + (NAME_PAIRED,) + METHODS[-1:]
+    return tuple(m for m in ms if ONLY is None or m in ONLY or m in ("no LoRA", "trained"))
 
 
 def engine_modes_for(target: str) -> dict[str, tuple[str, str]]:
@@ -91,7 +96,7 @@ def engine_modes_for(target: str) -> dict[str, tuple[str, str]]:
     out = {m: (mode, pairing) for m, mode in ENGINE_MODES.items()}
     if pairing != "name":
         out[NAME_PAIRED] = ("prolora-full", "name")
-    return out
+    return {m: v for m, v in out.items() if m in methods_for(target)}
 K_SWEEP = (2, 4, 8, 16, None)  # None: the default rule min(64, d // 4)
 T_SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DATA_FAMILY = {"style": "style", "concept": "concept"}
@@ -141,12 +146,16 @@ class Zoo:
 
 
 def engine_transfer(zoo: Zoo, lora: str, target: Target, mode: str, k: int | None = None,
-                    threshold: float = DEFAULT_THRESHOLD, pairing: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+                    threshold: float = DEFAULT_THRESHOLD, pairing: str | None = None, departure: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """The engine's output tensors (kohya-dotted) and its summary for one transfer.
 
-    ``pairing=None``: the target's pairing in :data:`PAIRING`."""
+    ``pairing=None``: the target's pairing in :data:`PAIRING`; ``departure``: the output corrected
+    by :func:`.departure.departure_corrected` (the summary gains the mean coefficient ``c``)."""
     res = run_engine(zoo.source_lora(lora), zoo.source.weights, target.weights, mode, k, threshold, pairing or PAIRING.get(target.name, "name"))
-    return res.tensors, res.summary()
+    if not departure:
+        return res.tensors, res.summary()
+    tensors, coeffs = departure_corrected(res, zoo.source.weights, target.weights)
+    return tensors, {**res.summary(), "departure_c": sum(coeffs) / len(coeffs) if coeffs else None}
 
 
 def run_engine(lf: LoraFile, source: SafetensorsWeights, target: SafetensorsWeights, mode: str, k: int | None = None,
@@ -297,7 +306,7 @@ def main_table(zoo: Zoo, ev: Evaluator, targets: list[str], loras: list[str], n_
             tensors: dict[str, dict | None] = {"no LoRA": None, "trained": safetensors.torch.load_file(str(zoo.lora_path(lora, tname)))}
             summaries = {}
             for m, (mode, pairing) in engine_modes_for(tname).items():
-                tensors[m], summaries[m] = engine_transfer(zoo, lora, t, mode, pairing=pairing)
+                tensors[m], summaries[m] = engine_transfer(zoo, lora, t, mode, pairing=pairing, departure=m == DEPARTURE)
             deltas = {m: (deltas_from_kohya(v, t.state) if v else {}) for m, v in tensors.items()}
             per = {m: {"loss": [], "mse": [], "feat": [], "det": [], "bg": [], "eff": []} for m in methods}
             imgs_by_seed = {}
@@ -328,12 +337,9 @@ def main_table(zoo: Zoo, ev: Evaluator, targets: list[str], loras: list[str], n_
                                                   for i, m in enumerate(methods)))
             if grids and out is not None:
                 s0 = ev.seeds[0]
-                g = [("source+LoRA", src_imgs[s0]), (f"{tname}", imgs_by_seed[s0]["no LoRA"]),
-                     ("+copy", imgs_by_seed[s0]["copy"]), ("+subspace", imgs_by_seed[s0]["subspace"]),
-                     ("+prolora", imgs_by_seed[s0]["prolora"]), ("+prolora-full", imgs_by_seed[s0]["prolora-full"])]
-                if NAME_PAIRED in imgs_by_seed[s0]:
-                    g.append(("+prolora-full (name)", imgs_by_seed[s0][NAME_PAIRED]))
-                g.append(("+trained", imgs_by_seed[s0]["trained"]))
+                g = [("source+LoRA", src_imgs[s0]), (f"{tname}", imgs_by_seed[s0]["no LoRA"])]
+                g += [(f"+{m}", imgs_by_seed[s0][m]) for m in ("copy", "subspace", "prolora", "prolora-full", NAME_PAIRED, "casa", "trained")
+                      if m in imgs_by_seed[s0]]
                 save_grid(g, out / f"grid_{lora}_{tname}.png", f"{lora} LoRA: source → {tname} (KSampler euler 15, cfg 2, same seeds)")
     return rows
 
@@ -451,24 +457,32 @@ def goals(rows: list[dict]) -> str:
         for target in dict.fromkeys(r["target"] for r in rows if r["lora"] == lora):
             if target.startswith("descendant"):
                 need = GOAL.get(target, 0.9)
-                for mode in ("prolora", "prolora-full"):
+                for mode in ("prolora", "prolora-full", "casa"):
                     g = get(lora, target, mode)
+                    if g is None:  # not run (--methods)
+                        continue
                     out.append(f"| {lora} | {target} | {mode} gap closed ≥ {need:.2f} | {g:.3f} | {'yes' if g >= need else 'no'} |")
                     for other in ("copy", "subspace"):
                         lo, lm = get(lora, target, other, "loss"), get(lora, target, mode, "loss")
+                        if lo is None:
+                            continue
                         out.append(f"| {lora} | {target} | {mode} loss < {other} loss | {lm:.4f} vs {lo:.4f} | {'yes' if lm < lo else 'no'} |")
                     ig = get(lora, target, mode, "igap")
                     if ig is not None and math.isfinite(ig):
                         out.append(f"| {lora} | {target} | {mode} gap closed in target domain ≥ {need:.2f} | {ig:.3f} | {'yes' if ig >= need else 'no'} |")
                         for other in ("copy", "subspace"):
                             io = get(lora, target, other, "igap")
+                            if io is None:
+                                continue
                             out.append(f"| {lora} | {target} | {mode} in-domain gap > {other} | {ig:.3f} vs {io:.3f} | {'yes' if ig > io else 'no'} |")
             else:
                 base = get(lora, target, "no LoRA", "loss")
                 what = ("no goal in the issue (ladder rung); no harm: " if target.startswith("ladder")
                         else "no goal in the issue (shared init only); no harm: " if target == "sibling_c" else "")
-                for mode in ("prolora", "prolora-full"):
-                    r = next(r for r in rows if r["lora"] == lora and r["target"] == target and r["method"] == mode)
+                for mode in ("prolora", "prolora-full", "casa"):
+                    r = next((r for r in rows if r["lora"] == lora and r["target"] == target and r["method"] == mode), None)
+                    if r is None:
+                        continue
                     lm = mean(r["loss"])
                     ok = r["moved"].startswith("0/") or lm <= base * 1.001
                     out.append(f"| {lora} | {target} | {what}{mode}: filtered (moved {r['moved']}) or loss ≤ no LoRA | {lm:.4f} vs {base:.4f} "
@@ -548,8 +562,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loras", nargs="*", default=list(LORAS))
     ap.add_argument("--sweep-targets", nargs="*", default=["descendant_a_near", "descendant_a", "descendant_b", "sibling_c"])
     ap.add_argument("--no-sweep-domain", action="store_true", help="sweeps: skip the in-domain gap (halves their cost)")
+    ap.add_argument("--methods", nargs="*", default=None, help=f"only these methods (besides No LoRA and trained): {', '.join(METHODS[1:-1])}")
     ap.add_argument("--merge", nargs="*", type=Path, help="only write the report from the results.json of earlier runs (e.g. one per LoRA)")
     args = ap.parse_args(argv)
+    global ONLY
+    ONLY = set(args.methods) if args.methods else None
     if args.quick:
         args.seeds, args.n_loss, args.n_samples = 1, 128, 3
         args.targets, args.loras, args.sweep_targets = ["descendant_a", "unrelated_c"], ["style"], []
