@@ -128,8 +128,12 @@ def casa_update(delta: Tensor, w_source: Tensor, w_target: Tensor, rank: int | N
     D = D0.to(dev, dt)
     Ws = as_matrix(w_source.detach()).to(dev, dt)
     dep = as_matrix(w_target.detach()).to(dev, dt) - Ws  # W_t − W_s
-    U, S, Vh = torch.linalg.svd(Ws, full_matrices=False)
-    V = Vh.T
+    if m < n:  # LAPACK is several times slower on wide matrices (3072 × 12288: 8.3 s vs 2.8 s, 16 threads)
+        P, S, Qh = torch.linalg.svd(Ws.T, full_matrices=False)
+        U, V = Qh.T, P
+    else:
+        U, S, Vh = torch.linalg.svd(Ws, full_matrices=False)
+        V = Vh.T
     Cs, Cd = U.T @ D @ V, U.T @ dep @ V
     C, rows, cols, info = arbitrate(Cs, Cd, S, settings)
     out = U @ C @ V.T
