@@ -7,7 +7,8 @@ For every target (``descendant_a_near``, ``descendant_a``, the ladder rungs ``la
 ``ladder_far``, ``descendant_b``, ``unrelated_c``, and ``sibling_c``: the source's init, trained
 like C) and
 LoRA (``style``, ``concept``) the methods are: No LoRA, Copy, Subspace-only, ProLoRA (Eq. 3, mode
-``prolora``), ProLoRA with cross terms (``prolora-full``), and the LoRA trained on the target itself.
+``prolora``), ProLoRA with cross terms (``prolora-full``), cluster-aware spectral arbitration
+(``casa``, prolora_core/casa.py), and the LoRA trained on the target itself (``--methods`` runs a subset).
 Every transfer goes through the engine (``prolora_core.transfer`` on ``SafetensorsWeights`` of the
 zoo files, ``read_lora``, ``plan_by_names``); samples go through ComfyUI's own LoRA loader and KSampler.
 On the pruned ``descendant_b`` (removed and renamed modules) the projections use similarity pairing
@@ -64,18 +65,14 @@ from prolora_core.transfer import DEFAULT_THRESHOLD, TransferConfig, TransferRes
 from prolora_core.weights import SafetensorsWeights  # noqa: E402
 
 from . import data as D  # noqa: E402
-from .departure import departure_corrected  # noqa: E402
 from .build_zoo import ksample, load_conditioning, save_grid, with_lora  # noqa: E402
 from .lora_utils import deltas_from_kohya, merged_params  # noqa: E402
 from .models import diffusion_loss, load_zoo_model, sample_training_sigmas, unet_state  # noqa: E402
 
 TARGETS = ("descendant_a_near", "descendant_a", "ladder_mid", "ladder_far", "descendant_b", "unrelated_c", "sibling_c")
 LORAS = ("style", "concept")
-#: The departure-aware trial (evidence/departure.py) applied to ``prolora-full``'s output.
-DEPARTURE = "prolora-full − departure"
-METHODS = ("no LoRA", "copy", "subspace", "prolora", "prolora-full", "casa", DEPARTURE, "trained")
-ENGINE_MODES = {"copy": "copy", "subspace": "subspace", "prolora": "prolora", "prolora-full": "prolora-full", "casa": "casa",
-                DEPARTURE: "prolora-full"}
+METHODS = ("no LoRA", "copy", "subspace", "prolora", "prolora-full", "casa", "trained")
+ENGINE_MODES = {"copy": "copy", "subspace": "subspace", "prolora": "prolora", "prolora-full": "prolora-full", "casa": "casa"}
 #: ``--methods``: run only these (No LoRA and trained always run: they are the ends of the gap).
 ONLY: set[str] | None = None
 #: Pairing of the projection modes per target (default: name). Copy is always by name.
@@ -146,16 +143,12 @@ class Zoo:
 
 
 def engine_transfer(zoo: Zoo, lora: str, target: Target, mode: str, k: int | None = None,
-                    threshold: float = DEFAULT_THRESHOLD, pairing: str | None = None, departure: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+                    threshold: float = DEFAULT_THRESHOLD, pairing: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """The engine's output tensors (kohya-dotted) and its summary for one transfer.
 
-    ``pairing=None``: the target's pairing in :data:`PAIRING`; ``departure``: the output corrected
-    by :func:`.departure.departure_corrected` (the summary gains the mean coefficient ``c``)."""
+    ``pairing=None``: the target's pairing in :data:`PAIRING`."""
     res = run_engine(zoo.source_lora(lora), zoo.source.weights, target.weights, mode, k, threshold, pairing or PAIRING.get(target.name, "name"))
-    if not departure:
-        return res.tensors, res.summary()
-    tensors, coeffs = departure_corrected(res, zoo.source.weights, target.weights)
-    return tensors, {**res.summary(), "departure_c": sum(coeffs) / len(coeffs) if coeffs else None}
+    return res.tensors, res.summary()
 
 
 def run_engine(lf: LoraFile, source: SafetensorsWeights, target: SafetensorsWeights, mode: str, k: int | None = None,
@@ -306,7 +299,7 @@ def main_table(zoo: Zoo, ev: Evaluator, targets: list[str], loras: list[str], n_
             tensors: dict[str, dict | None] = {"no LoRA": None, "trained": safetensors.torch.load_file(str(zoo.lora_path(lora, tname)))}
             summaries = {}
             for m, (mode, pairing) in engine_modes_for(tname).items():
-                tensors[m], summaries[m] = engine_transfer(zoo, lora, t, mode, pairing=pairing, departure=m == DEPARTURE)
+                tensors[m], summaries[m] = engine_transfer(zoo, lora, t, mode, pairing=pairing)
             deltas = {m: (deltas_from_kohya(v, t.state) if v else {}) for m, v in tensors.items()}
             per = {m: {"loss": [], "mse": [], "feat": [], "det": [], "bg": [], "eff": []} for m in methods}
             imgs_by_seed = {}
