@@ -44,6 +44,9 @@ def output_metadata(result: TransferResult, source_label: str, target_label: str
         "prolora.modules_below_threshold": str(s["below_threshold"]),
         "prolora.modules_without_base_weight": str(s["no_base_weight"]),
     })
+    if config.mode == "casa":
+        c = config.casa
+        meta["prolora.casa"] = f"energy={c.energy:g},tau={c.tau:g},rho={c.rho:g},arbitrate_q={c.arbitrate_q:g}"
     if s["energy_dropped"] is not None:
         meta["prolora.energy_dropped"] = f"{s['energy_dropped']:.6g}"
     return meta

@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy.sparse.csgraph import connected_components
 
-from fixtures_files import MODULES, lora_name, make_bases, make_updates, matrix, read_output, read_report, rel_err, run_main, write_lora
+from fixtures_files import lora_name, make_bases, make_updates, matrix, read_metadata, read_output, read_report, rel_err, run_main, write_lora
 
 import comfy_host
 
@@ -200,6 +200,27 @@ def test_cli_mode_casa_on_real_files(tmp_path: Path, capsys: pytest.CaptureFixtu
         assert report["summary"]["loras"][str(lora)]["energy_kept"] == pytest.approx(kept_sum / total_sum, abs=1e-6)
         if out_rank == 1:
             assert report["summary"]["loras"][str(lora)]["energy_kept"] < 0.99
+
+
+def test_cli_casa_parameters_and_provenance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bases = make_bases(tmp_path / "in", noise=0.05)
+    updates = make_updates()
+    lora = write_lora(tmp_path / "in" / "lora.safetensors", updates)
+    out = tmp_path / "out.safetensors"
+    argv = ["transfer", "--source-base", bases.source, "--target-base", bases.target, "--lora", lora, "--out", out, "--no-cache",
+            "--device", "cpu", "--mode", "casa", "--threshold", "0", "--casa-rho", "1", "--casa-tau", "0.05", "--casa-energy", "0.99",
+            "--casa-quantile", "0.5"]
+    rc, _, err = run_main(argv, capsys)
+    assert rc == 0, err
+    result = read_output(out)
+    for module, u in updates.items():
+        want, _ = reference_casa(u.dense(), matrix(bases.ws[module]), matrix(bases.wt[module]), energy=0.99, tau=0.05, rho=1.0, arbitrate_q=0.5)
+        default, _ = reference_casa(u.dense(), matrix(bases.ws[module]), matrix(bases.wt[module]))
+        assert rel_err(result[module].dense(), best_rank(want, u.rank)[0]) <= 1e-5, module
+        assert rel_err(want, default) > 1e-3, "the parameters must change the result here"
+    assert read_metadata(out)["prolora.casa"] == "energy=0.99,tau=0.05,rho=1,arbitrate_q=0.5"
+    rc, _, err = run_main(argv[:-2] + ["--casa-quantile", "1.5"], capsys)
+    assert rc != 0 and "arbitration quantile must lie in [0, 1]" in err
 
 
 def test_project_lora_node_casa_in_the_comfyui_host(nodes_by_id: dict[str, Any], comfyui: Any) -> None:
