@@ -19,6 +19,7 @@ import torch
 
 from .basis import BasisSettings
 from .cache import DEFAULT_MAX_GB, BasisCache, default_cache_dir
+from .casa import CasaSettings
 from .config import default_threads
 from .errors import ProLoRAError
 from .lora import LoraFile, LoraModule, read_lora
@@ -142,7 +143,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     threads = args.threads if args.threads is not None else default_threads()
     config = TransferConfig(mode=args.mode, subspace_rank=args.subspace_rank, threshold=args.threshold, pairing=args.pairing,
                             out_rank=args.out_rank, rescale_to_source_norm=args.rescale, strict=args.strict, device=args.device, basis=settings,
-                            save_dtype=SAVE_DTYPES[args.save_dtype], cpu_threads=threads)
+                            save_dtype=SAVE_DTYPES[args.save_dtype], cpu_threads=threads,
+                            casa=CasaSettings(args.casa_energy, args.casa_tau, args.casa_rho, args.casa_quantile))
     if args.cache_max_mb is not None and args.cache_max_mb < 0:
         raise ProLoRAError(f"--cache-max-mb must not be negative, got {args.cache_max_mb}")
     inputs = [args.source_base, args.target_base, *paths]
@@ -307,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="a module transfers when Φ_U and Φ_V both reach it (default 0.8)")
     t.add_argument("--pairing", choices=PAIRINGS, default="name", help="pair modules by name, or each with its most similar same-shape target module")
     t.add_argument("--out-rank", type=int, default=None, help="re-compress each module to this rank (reports the energy dropped)")
+    d = CasaSettings()
+    t.add_argument("--casa-energy", type=float, default=d.energy, help=f"casa: share of Σσ² of the top source directions (default {d.energy})")
+    t.add_argument("--casa-tau", type=float, default=d.tau, help=f"casa: rotation threshold τ joining two directions (default {d.tau})")
+    t.add_argument("--casa-rho", type=float, default=d.rho, help=f"casa: density quantile ρ above which a group is protected (default {d.rho})")
+    t.add_argument("--casa-quantile", type=float, default=d.arbitrate_q, help=f"casa: score quantile above which entries are arbitrated (default {d.arbitrate_q})")
     t.add_argument("--rescale", action="store_true", help="rescale each transferred module to its source norm")
     t.add_argument("--strict", action="store_true", help="a LoRA module without a base weight is an error")
     t.add_argument("--report", help="write the per-module report as JSON")

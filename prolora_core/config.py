@@ -11,6 +11,7 @@ from typing import Callable, Literal
 import torch
 
 from .basis import BasisSettings, clamp_rank, default_rank
+from .casa import CasaSettings
 from .errors import ProLoRAError
 from .projection import MODES, Mode
 
@@ -36,6 +37,7 @@ class TransferConfig:
     basis: BasisSettings = field(default_factory=BasisSettings)
     save_dtype: torch.dtype | None = None  # output dtype; None: the input LoRA's
     cpu_threads: int | None = None  # torch CPU threads for bases and projections; None: torch's own setting
+    casa: CasaSettings = field(default_factory=CasaSettings)  # mode "casa" only
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

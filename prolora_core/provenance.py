@@ -118,6 +118,9 @@ def output_metadata(result: TransferResult, source_label: str, target_label: str
     })
     if target_family:
         meta["prolora.target_family"] = target_family
+    if config.mode == "casa":
+        c = config.casa
+        meta["prolora.casa"] = f"energy={c.energy:g},tau={c.tau:g},rho={c.rho:g},arbitrate_q={c.arbitrate_q:g}"
     if s["energy_dropped"] is not None:
         meta["prolora.energy_dropped"] = f"{s['energy_dropped']:.6g}"
     return refresh_tensor_hashes(result.tensors, meta)
