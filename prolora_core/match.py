@@ -35,8 +35,9 @@ def _weight_is_finite(w: Tensor) -> bool:
 
 
 #: Memory one batch of bases may take (the stacked weights in the compute dtype, plus the weights
-#: being read for the next batch): bases of equal-shape weights are computed this many MB at a time.
-DEFAULT_BATCH_MB = 1024
+#: being read for the next batch), in MB: on a CPU a batch then takes a few seconds at most (SDXL
+#: shapes, one core), so progress never stalls for long; a GPU takes larger batches.
+DEFAULT_BATCH_MB = {"cpu": 512, "cuda": 2048}
 
 Request = tuple[WeightSource, str, int]  # (where, weight key, k)
 
@@ -51,11 +52,11 @@ class BasisProvider:
     """
 
     def __init__(self, settings: BasisSettings, device: torch.device, cache: BasisCache | None = None,
-                 batch_mb: float = DEFAULT_BATCH_MB) -> None:
+                 batch_mb: float | None = None) -> None:
         self.settings = settings
         self.device = device
         self.cache = cache
-        self.batch_mb = batch_mb
+        self.batch_mb = batch_mb if batch_mb is not None else DEFAULT_BATCH_MB.get(device.type, DEFAULT_BATCH_MB["cpu"])
         self.stats = RunStats()
         self._ready: dict[tuple[int, str, int], Basis] = {}
 
@@ -75,9 +76,9 @@ class BasisProvider:
                  check_interrupt: Callable[[], None] | None = None) -> int:
         """Make the bases of ``requests`` ready for :meth:`get`, computed in batches by shape.
 
-        ``progress(step, total, what)`` is called after each cache look-up and each batch, ``step``
-        counting from 0 to ``len(requests) − 1`` (``total`` defaults to ``len(requests)``). Returns
-        the number of steps reported. Raises :class:`ProLoRAError` for a weight with NaN or Inf.
+        ``progress(step, total, what)`` is called for each cache hit and before each batch, ``step``
+        counting the bases done before it (``total`` defaults to the number of distinct requests).
+        Returns the number of bases made ready. Raises :class:`ProLoRAError` for a weight with NaN or Inf.
         """
         todo = list({(id(src), key, k): (src, key, k) for src, key, k in requests if (id(src), key, k) not in self._ready}.values())
         total = total if total is not None else len(todo)
@@ -88,10 +89,10 @@ class BasisProvider:
                 check_interrupt()
             if self._cached(src, key, k) is None:
                 misses.setdefault((*matrix_shape(src.shape(key)), k), []).append((src, key, k))
-            else:
-                if progress is not None:
-                    progress(step, total, f"basis of {key} (cache)")
-                step += 1
+                continue
+            if progress is not None:
+                progress(step, total, f"the basis of {key} (cache)")
+            step += 1
         batches = [b for (m, n, k), group in misses.items() for b in _split(group, self._batch_size(m, n))]
         if not batches:
             return step
@@ -105,14 +106,15 @@ class BasisProvider:
                 if check_interrupt is not None:
                     check_interrupt()
                 k, shapes = batch[0][2], [src.shape(key) for src, key, _ in batch]
-                what = f"bases of {len(batch)} {shapes[0][0]}×{matrix_shape(shapes[0])[1]} weights"
-                bases = cpu_fallback(what, lambda dev: compute_bases(stacked, k, self.settings, dev or self.device, shapes))
+                more = f" and {len(batch) - 1} other weight(s) of that shape" if len(batch) > 1 else ""
+                what = f"the basis of {batch[0][1]}{more}"
+                if progress is not None:
+                    progress(step, total, what)
+                bases = cpu_fallback(what, lambda dev: compute_bases(stacked, k, self.settings, dev or self.device, shapes))  # noqa: B023
                 del stacked
                 for (src, key, _), basis in zip(batch, bases):
                     self._computed(src, key, basis)
                 step += len(batch)
-                if progress is not None:
-                    progress(step - 1, total, what)
         return step
 
     def _batch_size(self, m: int, n: int) -> int:
@@ -169,6 +171,12 @@ class ModuleMatch:
     target_basis: Basis | None = None
     reason: str = ""
     basis_free: bool = False  # paired by name alone (copy mode, 1-D weights, 1-D parts only): no Φ
+
+    @property
+    def uncertainty(self) -> float | None:
+        """The larger :attr:`Basis.uncertainty` of the two bases (None without bases)."""
+        bases = [b.uncertainty for b in (self.source_basis, self.target_basis) if b is not None]
+        return max(bases) if bases else None
 
     @property
     def repaired(self) -> bool:
