@@ -76,7 +76,7 @@ class BasisProvider:
                  check_interrupt: Callable[[], None] | None = None) -> int:
         """Make the bases of ``requests`` ready for :meth:`get`, computed in batches by shape.
 
-        ``progress(step, total, what)`` is called for each cache hit and before each batch, ``step``
+        ``progress(step, total, what)`` is called for each cache look-up and before each batch, ``step``
         counting the bases done before it (``total`` defaults to the number of distinct requests).
         Returns the number of bases made ready. Raises :class:`ProLoRAError` for a weight with NaN or Inf.
         """
@@ -87,12 +87,13 @@ class BasisProvider:
         for src, key, k in todo:
             if check_interrupt is not None:
                 check_interrupt()
-            if self._cached(src, key, k) is None:
+            hit = self._cached(src, key, k) is not None
+            if progress is not None:  # a miss hashes the weight (cold: reads it), so it reports too
+                progress(step, total, f"the basis of {key}" + (" (cache)" if hit else " (looked up)"))
+            if hit:
+                step += 1
+            else:
                 misses.setdefault((*matrix_shape(src.shape(key)), k), []).append((src, key, k))
-                continue
-            if progress is not None:
-                progress(step, total, f"the basis of {key} (cache)")
-            step += 1
         batches = [b for (m, n, k), group in misses.items() for b in _split(group, self._batch_size(m, n))]
         if not batches:
             return step

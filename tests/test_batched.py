@@ -95,14 +95,16 @@ def test_provider_prefetches_in_bounded_batches_through_the_cache(tmp_path: Path
     src = _write(tmp_path / "a.safetensors", ws)
     requests = [(src, key, 8) for key in ws] + [(src, "blocks.0.w.weight", 8)]  # a repeat is computed once
     steps: list[tuple[int, int]] = []
+    batches: list[str] = []
     cache = BasisCache(tmp_path / "cache", FAST32)
     # 96×128 fp32 + a read-ahead copy ≈ 0.1 MB: a 0.2 MB budget makes batches of 2
     p = BasisProvider(FAST32, torch.device("cpu"), cache, batch_mb=0.2)
     assert p._batch_size(96, 128) == 2
-    p.prefetch(requests, lambda i, n, what: steps.append((i, n)))
+    p.prefetch(requests, lambda i, n, what: (steps.append((i, n)), "look" in what or batches.append(what)))
     assert p.stats.svd_computed == len(ws) and p.stats.bases_from_cache == 0
     assert steps[0] == (0, len(ws)) and [i for i, _ in steps] == sorted(i for i, _ in steps) and steps[-1] == (len(ws) - 3, len(ws))  # before each batch
-    assert p._batch_size(32, 72) >= 3 and len(steps) == 3 + 1  # 5 weights in batches of 2, the 3 (smaller) convs in one
+    assert p._batch_size(32, 72) >= 3 and len(batches) == 3 + 1  # 5 weights in batches of 2, the 3 (smaller) convs in one
+    assert len(steps) == len(ws) + len(batches)  # every look-up reports too
     for key, w in ws.items():
         b = p.get(src, key, 8)
         alone = compute_basis(src.get(key), 8, FAST32)
