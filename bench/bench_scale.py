@@ -89,18 +89,19 @@ def render(res: dict, opts: argparse.Namespace) -> str:
     lines = [f"## ProLoRA at scale (`python -m bench.bench_scale --device {opts.device}`)", "",
              f"{platform.machine()}, {os.cpu_count()} CPU cores{', ' + res['gpu'] if res.get('gpu') else ''}; torch {res['torch']}, "
              f"{res['threads']} CPU thread(s) per phase; synthetic gapped fp16 weights (bench/synth.py), k = min(64, d // 4), engine defaults "
-             f"(randomized, oversampling 16, tol 1e-5); batch budget {res.get('batch_mb', 'default')} MB. "
+             f"(randomized, oversampling 16, tol 1e-5); batch budget {res.get('batch_mb') or 'the default (512 MB on CPU, 2048 MB on CUDA)'} MB. "
              "Peak memory = the phase's own anonymous RSS high-water (sampled every 10 ms), MiB; GPU = peak allocated. "
              "Seconds exclude interpreter start and imports.", ""]
     if "pairing" in res:
         p = res["pairing"]
         lines += [f"### Similarity vs name pairing: {describe_scale('sdxl-part')}, threshold 0.8, CLI `transfer`", "",
-                  "| run | name pairing s | similarity pairing s | similarity / name | longest progress silence s (name / similarity) | "
-                  "bases computed (name / similarity) | peak MiB (name / similarity) |", "|---|---|---|---|---|---|---|"]
+                  "| run | name pairing s | similarity pairing s | similarity / name | longest progress silence s while matching (name / similarity) | "
+                  "after the last progress call s: projection + output (name / similarity) | "
+                  "bases computed (name / similarity) | peak MiB (name / similarity) |", "|---|---|---|---|---|---|---|---|"]
         for run in ("cold", "warm"):
             n, s = p[f"name-{run}"], p[f"similarity-{run}"]
             lines.append(f"| {run} | {fmt_s(n['seconds'])} | {fmt_s(s['seconds'])} | **{s['seconds'] / n['seconds']:.2f}×** | "
-                         f"{n['silence']:.1f} / {s['silence']:.1f} | {n['svd_computed']} / {s['svd_computed']} | {mib(n)} / {mib(s)} |")
+                         f"{n['silence']:.1f} / {s['silence']:.1f} | {n.get('tail', float('nan')):.1f} / {s.get('tail', float('nan')):.1f} | {n['svd_computed']} / {s['svd_computed']} | {mib(n)} / {mib(s)} |")
         sim, name = p["similarity-cold"]["pairs"], p["name-cold"]["pairs"]
         differ = sum(sim.get(k) != v for k, v in name.items())
         lines += ["", f"- Pairs chosen by similarity that differ from the name pairs: **{differ}/{len(name)}** (the target keeps every name, "
@@ -111,8 +112,9 @@ def render(res: dict, opts: argparse.Namespace) -> str:
                   + ", ".join(f"{run} {p[f'similarity-{run}']['seconds'] / p[f'name-{run}']['seconds']:.2f}× "
                               f"({'met' if p[f'similarity-{run}']['seconds'] <= GOAL_PAIRING * p[f'name-{run}']['seconds'] else 'NOT met'})"
                               for run in ("cold", "warm"))
-                  + f"; no progress silence over {GOAL_SILENCE:g} s: longest {max(r['silence'] for r in p.values()):.1f} s "
-                  f"({'met' if max(r['silence'] for r in p.values()) <= GOAL_SILENCE else 'NOT met'}).", ""]
+                  + f"; no progress silence over {GOAL_SILENCE:g} s while matching: longest {max(r['silence'] for r in p.values()):.1f} s "
+                  f"({'met' if max(r['silence'] for r in p.values()) <= GOAL_SILENCE else 'NOT met'}); the projection and the output "
+                  f"after it report no progress (up to {max(r.get('tail', 0.0) for r in p.values()):.1f} s).", ""]
     rows = []
     for scale, label in (("sdxl-part", "SDXL part (314 modules)"), ("flux-dev", "Flux-dev"), ("wan-14b", "Wan 2.1 14B")):
         b = res.get(f"bases-{scale}")
@@ -169,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts.render_only:
         res = json.loads(result_path.read_text())
     else:
-        res = {"torch": torch.__version__, "threads": opts.threads or torch.get_num_threads(), "batch_mb": opts.batch_mb,
+        res = json.loads(result_path.read_text()) if result_path.exists() else {}  # parts not run now keep their last figures
+        res |= {"torch": torch.__version__, "threads": opts.threads or torch.get_num_threads(), "batch_mb": opts.batch_mb,
                "gpu": torch.cuda.get_device_name(0) if opts.device == "cuda" else ""}
         t0 = time.perf_counter()
         if "pairing" in parts or "batch" in parts:

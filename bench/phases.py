@@ -280,9 +280,11 @@ class Silence:
     def __call__(self, *_: object) -> None:
         self.times.append(time.perf_counter())
 
-    def stop(self) -> float:
-        self.times.append(time.perf_counter())
-        return max(b - a for a, b in zip(self.times, self.times[1:]))
+    def stop(self) -> tuple[float, float]:
+        """(longest gap up to the last progress call, time from the last call to the end)."""
+        end = time.perf_counter()
+        gaps = [b - a for a, b in zip(self.times, self.times[1:])]
+        return (max(gaps) if gaps else 0.0), end - self.times[-1]
 
 
 SILENCE = Silence()
@@ -331,7 +333,7 @@ def phase_engine(a: dict) -> dict:
     phis = {m["source"]: [m["similarity_u"], m["similarity_v"]] for m in report["modules"] if m["similarity_u"] is not None}
     return {"seconds": seconds, "svd_computed": s["svd_computed"], "bases_from_cache": s["bases_from_cache"], "engine_seconds": s["seconds"],
             "transferred": s["transferred"], "modules": s["modules"], "worst_subspace_change": s["worst_subspace_change"],
-            "phi": phis, "silence": silence, "pairs": {m["source"]: m["target"] for m in report["modules"]}, **peaks}
+            "phi": phis, "silence": silence, "tail": tail, "pairs": {m["source"]: m["target"] for m in report["modules"]}, **peaks}
 
 
 def phase_bases(a: dict) -> dict:
@@ -359,7 +361,8 @@ def phase_bases(a: dict) -> dict:
             provider.get(w, key, k)
     sync(device)
     seconds = time.perf_counter() - t0
-    silence = SILENCE.stop()
+    silence, tail = SILENCE.stop()
+    silence = max(silence, tail)
     peaks = mon.result()
     elements = sum(math.prod(w.shape(key)) for w, key, _ in requests)
     iters = [b.iterations for b in provider._ready.values()]
