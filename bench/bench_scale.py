@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -58,6 +59,7 @@ def part_pairing(opts: argparse.Namespace, work: Path) -> dict:
     out: dict = {}
     for pairing in ("name", "similarity"):
         cache = work / f"cache-{pairing}"
+        shutil.rmtree(cache, ignore_errors=True)  # cold: an empty cache
         for run, lora in (("cold", "lora_a"), ("warm", "lora_b")):
             name = f"{pairing}-{run}"
             out[name] = run_phase("engine", {"folder": str(folder), "device": opts.device, "mode": "prolora", "threads": opts.threads,

@@ -318,7 +318,7 @@ def phase_engine(a: dict) -> dict:
     rc = main(argv)
     sync(device)
     seconds = time.perf_counter() - t0
-    silence = SILENCE.stop()
+    silence, tail = SILENCE.stop()
     if prof is not None:
         prof.disable()
         buf = io.StringIO()
