@@ -150,7 +150,10 @@ def compute_bases(weights: Sequence[Tensor] | Tensor, k: int, settings: BasisSet
         if not weights:
             return []
         own = [tuple(w.shape) for w in weights]
-        stacked = stack_weights(weights, settings.compute_dtype)
+        if len(weights) == 1:  # a view: no copy, converted on the compute device below
+            stacked = as_matrix(weights[0].detach()).unsqueeze(0)
+        else:
+            stacked = stack_weights(weights, None if len({w.dtype for w in weights}) == 1 else settings.compute_dtype)
     dev = torch.device(device) if device is not None else stacked.device
     if linalg_device(dev) != dev:
         return [b.to(dev) for b in compute_bases(stacked, k, settings, linalg_device(dev), own)]
