@@ -1,7 +1,7 @@
 """Command line: ``python -m prolora_core {transfer,similarity,inspect,cache}``.
 
-Scope: base files are safetensors whose module weights are ``<module>.weight``; LoRA module names
-are matched to them directly, through a known prefix (``diffusion_model.``,
+Scope: base files are safetensors, or GGUF (ComfyUI-GGUF's naming, dequantized per tensor), whose
+module weights are ``<module>.weight``; LoRA module names are matched to them directly, through a known prefix (``diffusion_model.``,
 ``model.diffusion_model.``, ``unet.``) or through kohya's underscore naming. LoRAs named in another
 scheme than their checkpoint (kohya diffusers-style names on an LDM checkpoint) need the ComfyUI
 nodes, which use ComfyUI's own key mapping.
@@ -26,7 +26,7 @@ from .projection import MODES
 from .provenance import output_metadata
 from .safetensors_io import atomic_save, atomic_write, check_output_path
 from .transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, ModuleReport, TransferConfig, plan_by_names, transfer
-from .weights import SafetensorsWeights
+from .weights import open_weights
 
 EXIT_ERROR = 2
 EXIT_NOTHING = 1
@@ -97,6 +97,15 @@ def _add_basis_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
 
+def _quantized_note(*bases: object) -> dict[str, list[str]]:
+    """Say (stderr) which bases came from a block-quantized GGUF file: their bases and Φ are those of
+    the dequantized weights. Returns ``{label: quantization types}`` for the report."""
+    out = {b.label: b.quantized for b in bases if getattr(b, "quantized", None)}  # type: ignore[attr-defined]
+    for label, types in out.items():
+        print(f"[prolora] {label} is quantized ({', '.join(types)}): its bases are those of the dequantized weights", file=sys.stderr)
+    return out
+
+
 def cmd_transfer(args: argparse.Namespace) -> int:
     paths = _lora_paths(args.lora)
     if len(paths) > 1 and not args.out_dir:
@@ -128,8 +137,9 @@ def cmd_transfer(args: argparse.Namespace) -> int:
             raise ProLoRAError("the report would overwrite the output LoRA; choose another --report name", file=report_path)
     cache = _cache(args, settings)
     memo = cache.memo_dir if cache is not None else None
-    source = SafetensorsWeights(args.source_base, memo)
-    target = SafetensorsWeights(args.target_base, memo)
+    source = open_weights(args.source_base, memo)
+    target = open_weights(args.target_base, memo)
+    quantized = _quantized_note(source, target)
     loras: list[LoraFile] = [read_lora(p) for p in paths]
     for lora in loras:
         if lora.unknown_keys:
@@ -175,7 +185,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
                 "unused": {str(r.lora.path): r.lora.unused for r in results},
                 "transferred": sum(m.transferred for m in all_modules), "modules": len(all_modules),
                 "svd_computed": stats.svd_computed, "bases_from_cache": stats.bases_from_cache, "seconds": round(stats.seconds, 4),
-                "worst_subspace_change": stats.worst_subspace_change, "save_dtype": args.save_dtype, "deterministic": settings.deterministic,
+                "worst_subspace_change": stats.worst_subspace_change, "quantized_bases": quantized, "save_dtype": args.save_dtype, "deterministic": settings.deterministic,
             },
         }
         atomic_write(args.report, json.dumps(report, indent=2, sort_keys=True).encode())
@@ -194,8 +204,9 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     settings = _basis_settings(args)
     cache = _cache(args, settings)
     memo = cache.memo_dir if cache is not None else None
-    source = SafetensorsWeights(args.source_base, memo)
-    target = SafetensorsWeights(args.target_base, memo)
+    source = open_weights(args.source_base, memo)
+    target = open_weights(args.target_base, memo)
+    _quantized_note(source, target)
     provider = BasisProvider(settings, resolve_device(args.device), cache)
     tindex, sindex = BaseIndex(target.keys()), BaseIndex(source.keys())
     config = TransferConfig(subspace_rank=args.subspace_rank)
@@ -262,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("transfer", help="transfer LoRA(s) from a source base to a target base")
-    t.add_argument("--source-base", required=True, help="safetensors file of the base the LoRA was trained on")
-    t.add_argument("--target-base", required=True, help="safetensors file of the base to transfer to")
+    t.add_argument("--source-base", required=True, help="safetensors or .gguf file of the base the LoRA was trained on")
+    t.add_argument("--target-base", required=True, help="safetensors or .gguf file of the base to transfer to")
     t.add_argument("--lora", required=True, action="append", help="LoRA safetensors file or folder (repeatable)")
     t.add_argument("--out", help="output file (one LoRA)")
     t.add_argument("--out-dir", help="output folder (several LoRAs); files are named <lora><suffix>.safetensors")
