@@ -103,7 +103,7 @@ class GGUFWeights:
         shape = self._shapes[key]
         if values.size != int(np.prod(shape)):
             raise ProLoRAError(f"{values.size} values for a tensor of shape {list(shape)}", file=self.path, key=key)
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+        return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))  # a copy: the file stays mapped read-only
 
     def content_key(self, key: str) -> str:
         t = self._tensors[key]
