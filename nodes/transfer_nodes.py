@@ -9,6 +9,7 @@ from ..prolora_core.projection import MODES
 from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, TransferConfig, overall_norm_ratio
 from .bridge import UNET, build_handle
 from .matching import MatchHandle, all_weight_keys, parse_lora_model, plan_lora, project_lora_model, unused_lines
+from .families import check_shapes_can_match
 
 CATEGORY = "ProLoRA"
 PREFIX = "ProLoRA"
@@ -77,11 +78,16 @@ class MatchModules(io.ComfyNode):
             match.unmapped = unmapped
             unused = unused_lines(parsed, unmapped)
             for part, plan in plans.items():
+                if part in target_basis.parts:
+                    check_shapes_can_match(source_basis.parts[part], target_basis.parts[part], [p.source_key for p in plan if p.source_key],
+                                           pairing, f"the LoRA's {len(plan)} modules")
                 match.ensure(part, [p.source_key for p in plan if p.source_key])
         else:
             for part in source_basis.parts:
                 if part in target_basis.parts:
-                    match.ensure(part, all_weight_keys(source_basis, part))
+                    keys = all_weight_keys(source_basis, part)
+                    check_shapes_can_match(source_basis.parts[part], target_basis.parts[part], keys, pairing, f"the source model's {len(keys)} weights")
+                    match.ensure(part, keys)
         rows = match.rows()
         ui = {"prolora_match": [{
             "threshold": threshold, "pairing": pairing, "modules": len(rows), "passing": sum(r["passes"] for r in rows),
