@@ -211,3 +211,81 @@ def test_how_much_quantized_bases_move(tmp_path: Path) -> None:
         print(f"{qt.name}: weight error {rel_err(deq[qt][0], deq[Q.F16][0]):.2e}, Φ_U(F16, {qt.name}) {phi(us, uq):.5f}, "
               f"Φ_V {phi(vs, vq):.5f}, prolora result moves {moved[-1]:.2e} (relative)")
     assert moved[0] < moved[1] < moved[2]
+
+
+# --------------------------------------------------------------------------------------
+# The files node on a GGUF pair (ComfyUI's detection and key map on the GGUF's names and shapes)
+# --------------------------------------------------------------------------------------
+
+#: A tiny Wan 2.1 whose widths fit Q8_0 blocks (every 2-D weight has a multiple of 32 columns), and
+#: whose ``dim`` gives ComfyUI's detection (``num_heads = dim // 128``) one head.
+WAN_GGUF_CONFIG = {"image_model": "wan2.1", "model_type": "t2v", "dim": 128, "ffn_dim": 256, "num_heads": 1, "num_layers": 1, "in_dim": 4,
+                   "out_dim": 4, "text_dim": 64, "freq_dim": 32, "patch_size": (1, 2, 2), "window_size": (-1, -1), "qk_norm": True,
+                   "cross_attn_norm": True, "eps": 1e-6}
+
+
+def write_state_gguf(path: Path, sd: dict[str, torch.Tensor], qtype: Q) -> Path:
+    """A diffusion model's state dict (``diffusion_model.…`` keys) as ComfyUI-GGUF's converter writes
+    it: ``model.diffusion_model.…`` names, 2-D weights quantized when their rows fit the blocks,
+    other tensors in F16 (1-D in F32), tensors of more than 4 dimensions flattened with
+    ``comfy.gguf.orig_shape``."""
+    w = gguf.GGUFWriter(str(path), "wan")
+    for key, t in sd.items():
+        name = PREFIX + key.removeprefix("diffusion_model.")
+        a = t.float().numpy()
+        if a.ndim == 2 and a.shape[1] % 32 == 0 and key.endswith(".weight"):
+            w.add_tensor(name, quantize(a, qtype), raw_dtype=qtype)
+        elif a.ndim == 1:
+            w.add_tensor(name, a)
+        else:
+            if a.ndim > 4:
+                w.add_array(f"comfy.gguf.orig_shape.{name}", list(a.shape))
+                a = a.reshape(a.shape[0], -1)
+            w.add_tensor(name, a.astype(np.float16))
+    for step in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        step()
+    return path
+
+
+def test_files_node_on_gguf_bases_equals_the_dequantized_safetensors_run(nodes_by_id: dict, tmp_path: Path) -> None:
+    import comfy_host
+    import folder_paths
+    from safetensors.torch import load_file, save_file
+
+    src = comfy_host.build_model("WAN21_T2V", WAN_GGUF_CONFIG, seed=0)
+    tgt = comfy_host.perturbed_copy(src, 0.05, seed=3)
+    models = tmp_path / "models"
+    (models / "diffusion_models").mkdir(parents=True)
+    (models / "loras").mkdir()
+    for label, model in (("wan21", src), ("wan22_low", tgt)):
+        g = GGUFWeights(write_state_gguf(models / "diffusion_models" / f"{label}.gguf", comfy_host.unet_weights(model), Q.Q8_0))
+        # the same weights, dequantized, as a diffusion-model safetensors file (no metadata: ComfyUI's detection)
+        save_file({k: g.get(k) for k in g.keys()}, str(models / "diffusion_models" / f"{label}.safetensors"))
+    gen = torch.Generator().manual_seed(4)
+    lora = {}
+    for m in ("blocks.0.self_attn.q", "blocks.0.cross_attn.v", "blocks.0.ffn.0"):
+        w = src.model.state_dict()[f"diffusion_model.{m}.weight"]
+        name = "lora_unet_" + m.replace(".", "_")
+        lora[f"{name}.lora_down.weight"] = 0.1 * torch.randn(4, w.shape[1], generator=gen)
+        lora[f"{name}.lora_up.weight"] = 0.1 * torch.randn(w.shape[0], 4, generator=gen)
+        lora[f"{name}.alpha"] = torch.tensor(2.0)
+    save_file(lora, str(models / "loras" / "wan_style.safetensors"))
+    for folder in ("diffusion_models", "loras"):
+        folder_paths.add_model_folder_path(folder, str(models / folder), is_default=True)
+    node = nodes_by_id["ProLoRATransferLoRAFiles"]
+    try:
+        options = next(i for i in node.define_schema().inputs if i.id == "target_model").options
+        assert {"diffusion_models/wan21.gguf", "diffusion_models/wan22_low.gguf"} <= set(options)
+        outs = {}
+        for ext in ("gguf", "safetensors"):
+            names, report = node.execute(source_model=f"diffusion_models/wan21.{ext}", target_model=f"diffusion_models/wan22_low.{ext}",
+                                         lora_name="wan_style.safetensors", more_loras="", mode="prolora", subspace_rank=0, threshold=0.0,
+                                         pairing="name", suffix=f"_{ext}", device="cpu").args
+            assert "3/3 transferred" in report, report
+            outs[ext] = load_file(str(models / "loras" / names.strip()))
+    finally:
+        for folder in ("diffusion_models", "loras"):
+            folder_paths.folder_names_and_paths[folder][0].remove(str(models / folder))
+    assert set(outs["gguf"]) == set(outs["safetensors"]) and len(outs["gguf"]) == 9
+    for k, v in outs["gguf"].items():
+        torch.testing.assert_close(v, outs["safetensors"][k], rtol=1e-5, atol=1e-6)
