@@ -86,7 +86,8 @@ class MatchModules(io.ComfyNode):
             for part in source_basis.parts:
                 if part in target_basis.parts:
                     keys = all_weight_keys(source_basis, part)
-                    check_shapes_can_match(source_basis.parts[part], target_basis.parts[part], keys, pairing, f"the source model's {len(keys)} weights")
+                    check_shapes_can_match(source_basis.parts[part], target_basis.parts[part], keys, pairing,
+                                           f"the source model's {len(keys)} weights")
                     match.ensure(part, keys)
         rows = match.rows()
         ui = {"prolora_match": [{

@@ -185,7 +185,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
                 "unused": {str(r.lora.path): r.lora.unused for r in results},
                 "transferred": sum(m.transferred for m in all_modules), "modules": len(all_modules),
                 "svd_computed": stats.svd_computed, "bases_from_cache": stats.bases_from_cache, "seconds": round(stats.seconds, 4),
-                "worst_subspace_change": stats.worst_subspace_change, "quantized_bases": quantized, "save_dtype": args.save_dtype, "deterministic": settings.deterministic,
+                "worst_subspace_change": stats.worst_subspace_change, "quantized_bases": quantized, "save_dtype": args.save_dtype,
+                "deterministic": settings.deterministic,
             },
         }
         atomic_write(args.report, json.dumps(report, indent=2, sort_keys=True).encode())

@@ -58,8 +58,8 @@ LAYOUTS: dict[str, tuple[str, list[str], bool]] = {
     "qwen-diffusers-mod": ("qwen_image", ["transformer." + m for m in QWEN_BLOCKS + QWEN_MODS], True),
     "qwen-musubi": ("qwen_image", _musubi(QWEN_BLOCKS), False),
     "qwen-musubi-mod": ("qwen_image", _musubi(QWEN_BLOCKS + QWEN_MODS), False),
-    "sd3-kohya": ("sd3", _musubi(["joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.context_block.attn.qkv",
-                                  "joint_blocks.0.x_block.attn.proj", "joint_blocks.0.x_block.mlp.fc1", "joint_blocks.0.x_block.adaLN_modulation.1"]), False),
+    "sd3-kohya": ("sd3", _musubi(["joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.context_block.attn.qkv", "joint_blocks.0.x_block.attn.proj",
+                                  "joint_blocks.0.x_block.mlp.fc1", "joint_blocks.0.x_block.adaLN_modulation.1"]), False),
     "zimage-kohya": ("z_image", _musubi(["layers.0.attention.qkv", "layers.0.attention.out", "layers.0.feed_forward.w1",
                                          "layers.0.feed_forward.w2", "layers.0.adaLN_modulation.0"]), False),
     "hunyuan-diffusion-pipe": ("hunyuan_video", ["transformer.double_blocks.0.img_attn_qkv", "transformer.double_blocks.0.txt_attn_qkv",
@@ -192,7 +192,8 @@ def check_against_reference(lora: dict, layout: str, src: Any, tgt: Any, out: di
 # --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_copy_output_applies_in_comfyui_exactly_as_the_input(nodes_by_id: dict[str, Any], pair: Pairs, layout: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_copy_output_applies_in_comfyui_exactly_as_the_input(nodes_by_id: dict[str, Any], pair: Pairs, layout: str,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     src, tgt = pair(LAYOUTS[layout][0])
     lora = make_lora(src, layout)
     out, _, report = transfer(nodes_by_id, src, tgt, lora, "copy")
@@ -228,7 +229,8 @@ def test_each_module_matches_the_dense_reference(nodes_by_id: dict[str, Any], pa
     check_against_reference(lora, layout, src, tgt, out, mode)
 
 
-def test_diffusers_wan_names_are_in_no_comfyui_map_and_the_pack_says_so(nodes_by_id: dict[str, Any], pair: Pairs, caplog: pytest.LogCaptureFixture) -> None:
+def test_diffusers_wan_names_are_in_no_comfyui_map_and_the_pack_says_so(nodes_by_id: dict[str, Any], pair: Pairs,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
     """``transformer.blocks.0.attn1.to_q`` (diffusers' WanTransformer3DModel): ComfyUI 0.3.75 loads none
     of it (it logs every key as not loaded); the pack refuses the LoRA with the same verdict."""
     src, tgt = pair("wan21_14b")

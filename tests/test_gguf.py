@@ -213,6 +213,28 @@ def test_how_much_quantized_bases_move(tmp_path: Path) -> None:
     assert moved[0] < moved[1] < moved[2]
 
 
+def test_cli_similarity_with_a_gguf_target_equals_the_dequantized_safetensors_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                                   weights: dict[str, np.ndarray]) -> None:
+    rng = np.random.default_rng(5)
+    src = write_base(tmp_path / "src.safetensors", weights, PREFIX)
+    tgt_gguf = write_gguf(tmp_path / "tgt.gguf", {n: (w + 0.01 * rng.standard_normal(w.shape)).astype(np.float32) for n, w in weights.items()},
+                          Q.Q8_0, prefix="")
+    tgt_st = write_base(tmp_path / "tgt.safetensors", {n: GGUFWeights(tgt_gguf).get(f"{n}.weight").numpy() for n in MODULES})
+    rows, notes = {}, {}
+    for target in (tgt_gguf, tgt_st):
+        rc, out, err = run_main(["similarity", "--source-base", src, "--target-base", target, "--json", "--no-cache", "--device", "cpu",
+                                 "--basis-method", "exact", "--compute-dtype", "float64"], capsys)
+        assert rc == 0, err
+        rows[target.suffix] = {r["module"]: r for r in json.loads(out)}
+        notes[target.suffix] = "is quantized (Q8_0): its bases are those of the dequantized weights" in err
+    assert notes == {".gguf": True, ".safetensors": False}
+    assert set(rows[".gguf"]) == set(MODULES)
+    for name in MODULES:
+        g, s = rows[".gguf"][name], rows[".safetensors"][name]
+        assert g["similarity_u"] == pytest.approx(s["similarity_u"], abs=1e-9) and g["similarity_v"] == pytest.approx(s["similarity_v"], abs=1e-9)
+        assert g["similarity_u"] is not None and g["k"] == s["k"]
+
+
 # --------------------------------------------------------------------------------------
 # The files node on a GGUF pair (ComfyUI's detection and key map on the GGUF's names and shapes)
 # --------------------------------------------------------------------------------------
