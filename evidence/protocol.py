@@ -7,7 +7,8 @@ For every target (``descendant_a_near``, ``descendant_a``, the ladder rungs ``la
 ``ladder_far``, ``descendant_b``, ``unrelated_c``, and ``sibling_c``: the source's init, trained
 like C) and
 LoRA (``style``, ``concept``) the methods are: No LoRA, Copy, Subspace-only, ProLoRA (Eq. 3, mode
-``prolora``), ProLoRA with cross terms (``prolora-full``), and the LoRA trained on the target itself.
+``prolora``), ProLoRA with cross terms (``prolora-full``), cluster-aware spectral arbitration
+(``casa``, prolora_core/casa.py), and the LoRA trained on the target itself (``--methods`` runs a subset).
 Every transfer goes through the engine (``prolora_core.transfer`` on ``SafetensorsWeights`` of the
 zoo files, ``read_lora``, ``plan_by_names``); samples go through ComfyUI's own LoRA loader and KSampler.
 On the pruned ``descendant_b`` (removed and renamed modules) the projections use similarity pairing
@@ -70,8 +71,10 @@ from .models import diffusion_loss, load_zoo_model, sample_training_sigmas, unet
 
 TARGETS = ("descendant_a_near", "descendant_a", "ladder_mid", "ladder_far", "descendant_b", "unrelated_c", "sibling_c")
 LORAS = ("style", "concept")
-METHODS = ("no LoRA", "copy", "subspace", "prolora", "prolora-full", "trained")
-ENGINE_MODES = {"copy": "copy", "subspace": "subspace", "prolora": "prolora", "prolora-full": "prolora-full"}
+METHODS = ("no LoRA", "copy", "subspace", "prolora", "prolora-full", "casa", "trained")
+ENGINE_MODES = {"copy": "copy", "subspace": "subspace", "prolora": "prolora", "prolora-full": "prolora-full", "casa": "casa"}
+#: ``--methods``: run only these (No LoRA and trained always run: they are the ends of the gap).
+ONLY: set[str] | None = None
 #: Pairing of the projection modes per target (default: name). Copy is always by name.
 PAIRING = {"descendant_b": "similarity"}
 NAME_PAIRED = "prolora-full (name)"  # the extra row on similarity-paired targets
@@ -80,9 +83,8 @@ GOAL = {"descendant_b": 0.75}
 
 
 def methods_for(target: str) -> tuple[str, ...]:
-    if PAIRING.get(target, "name") == "name":
-        return METHODS
-    return METHODS[:-1] + (NAME_PAIRED,) + METHODS[-1:]
+    ms = METHODS if PAIRING.get(target, "name") == "name" else METHODS[:-1] + (NAME_PAIRED,) + METHODS[-1:]
+    return tuple(m for m in ms if ONLY is None or m in ONLY or m in ("no LoRA", "trained"))
 
 
 def engine_modes_for(target: str) -> dict[str, tuple[str, str]]:
@@ -91,7 +93,7 @@ def engine_modes_for(target: str) -> dict[str, tuple[str, str]]:
     out = {m: (mode, pairing) for m, mode in ENGINE_MODES.items()}
     if pairing != "name":
         out[NAME_PAIRED] = ("prolora-full", "name")
-    return out
+    return {m: v for m, v in out.items() if m in methods_for(target)}
 K_SWEEP = (2, 4, 8, 16, None)  # None: the default rule min(64, d // 4)
 T_SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DATA_FAMILY = {"style": "style", "concept": "concept"}
@@ -328,12 +330,9 @@ def main_table(zoo: Zoo, ev: Evaluator, targets: list[str], loras: list[str], n_
                                                   for i, m in enumerate(methods)))
             if grids and out is not None:
                 s0 = ev.seeds[0]
-                g = [("source+LoRA", src_imgs[s0]), (f"{tname}", imgs_by_seed[s0]["no LoRA"]),
-                     ("+copy", imgs_by_seed[s0]["copy"]), ("+subspace", imgs_by_seed[s0]["subspace"]),
-                     ("+prolora", imgs_by_seed[s0]["prolora"]), ("+prolora-full", imgs_by_seed[s0]["prolora-full"])]
-                if NAME_PAIRED in imgs_by_seed[s0]:
-                    g.append(("+prolora-full (name)", imgs_by_seed[s0][NAME_PAIRED]))
-                g.append(("+trained", imgs_by_seed[s0]["trained"]))
+                g = [("source+LoRA", src_imgs[s0]), (f"{tname}", imgs_by_seed[s0]["no LoRA"])]
+                g += [(f"+{m}", imgs_by_seed[s0][m]) for m in ("copy", "subspace", "prolora", "prolora-full", NAME_PAIRED, "casa", "trained")
+                      if m in imgs_by_seed[s0]]
                 save_grid(g, out / f"grid_{lora}_{tname}.png", f"{lora} LoRA: source → {tname} (KSampler euler 15, cfg 2, same seeds)")
     return rows
 
@@ -451,24 +450,32 @@ def goals(rows: list[dict]) -> str:
         for target in dict.fromkeys(r["target"] for r in rows if r["lora"] == lora):
             if target.startswith("descendant"):
                 need = GOAL.get(target, 0.9)
-                for mode in ("prolora", "prolora-full"):
+                for mode in ("prolora", "prolora-full", "casa"):
                     g = get(lora, target, mode)
+                    if g is None:  # not run (--methods)
+                        continue
                     out.append(f"| {lora} | {target} | {mode} gap closed ≥ {need:.2f} | {g:.3f} | {'yes' if g >= need else 'no'} |")
                     for other in ("copy", "subspace"):
                         lo, lm = get(lora, target, other, "loss"), get(lora, target, mode, "loss")
+                        if lo is None:
+                            continue
                         out.append(f"| {lora} | {target} | {mode} loss < {other} loss | {lm:.4f} vs {lo:.4f} | {'yes' if lm < lo else 'no'} |")
                     ig = get(lora, target, mode, "igap")
                     if ig is not None and math.isfinite(ig):
                         out.append(f"| {lora} | {target} | {mode} gap closed in target domain ≥ {need:.2f} | {ig:.3f} | {'yes' if ig >= need else 'no'} |")
                         for other in ("copy", "subspace"):
                             io = get(lora, target, other, "igap")
+                            if io is None:
+                                continue
                             out.append(f"| {lora} | {target} | {mode} in-domain gap > {other} | {ig:.3f} vs {io:.3f} | {'yes' if ig > io else 'no'} |")
             else:
                 base = get(lora, target, "no LoRA", "loss")
                 what = ("no goal in the issue (ladder rung); no harm: " if target.startswith("ladder")
                         else "no goal in the issue (shared init only); no harm: " if target == "sibling_c" else "")
-                for mode in ("prolora", "prolora-full"):
-                    r = next(r for r in rows if r["lora"] == lora and r["target"] == target and r["method"] == mode)
+                for mode in ("prolora", "prolora-full", "casa"):
+                    r = next((r for r in rows if r["lora"] == lora and r["target"] == target and r["method"] == mode), None)
+                    if r is None:
+                        continue
                     lm = mean(r["loss"])
                     ok = r["moved"].startswith("0/") or lm <= base * 1.001
                     out.append(f"| {lora} | {target} | {what}{mode}: filtered (moved {r['moved']}) or loss ≤ no LoRA | {lm:.4f} vs {base:.4f} "
@@ -548,8 +555,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loras", nargs="*", default=list(LORAS))
     ap.add_argument("--sweep-targets", nargs="*", default=["descendant_a_near", "descendant_a", "descendant_b", "sibling_c"])
     ap.add_argument("--no-sweep-domain", action="store_true", help="sweeps: skip the in-domain gap (halves their cost)")
+    ap.add_argument("--methods", nargs="*", default=None, help=f"only these methods (besides No LoRA and trained): {', '.join(METHODS[1:-1])}")
     ap.add_argument("--merge", nargs="*", type=Path, help="only write the report from the results.json of earlier runs (e.g. one per LoRA)")
     args = ap.parse_args(argv)
+    global ONLY
+    ONLY = set(args.methods) if args.methods else None
     if args.quick:
         args.seeds, args.n_loss, args.n_samples = 1, 128, 3
         args.targets, args.loras, args.sweep_targets = ["descendant_a", "unrelated_c"], ["style"], []

@@ -11,6 +11,7 @@ from comfy_api.latest import io
 
 from ..prolora_core.errors import ProLoRAError
 from ..prolora_core.lora import split_module_key
+from ..prolora_core.provenance import refresh_tensor_hashes
 from ..prolora_core.safetensors_io import PICKLE_SUFFIXES, SafetensorsReader, atomic_save
 from .bridge import LoraModel
 from .transfer_nodes import CATEGORY, PREFIX, LoraModelType
@@ -88,7 +89,7 @@ class SaveLoRA(io.ComfyNode):
         for key, t in lora.items():
             module, suffix = split_module_key(key)
             tensors[f"{names.get(module, module)}{suffix}"] = t
-        atomic_save(tensors, path, getattr(lora, "metadata", None) or None)
+        atomic_save(tensors, path, refresh_tensor_hashes(tensors, getattr(lora, "metadata", None) or {}) or None)  # hashes of these very keys
         name = os.path.relpath(path, root).replace(os.sep, "/")
         return io.NodeOutput(name, ui={"text": [f"saved models/loras/{name}"]})
 

@@ -1,51 +1,99 @@
 """The glue between ComfyUI objects and the engine's match/project phases (no math here)."""
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import comfy.lora_convert
 
+from ..prolora_core.candidates import suggest_candidates
 from ..prolora_core.errors import ProLoRAError
-from ..prolora_core.linalg import matrix_shape
+from ..prolora_core.linalg import matrix_shape, resolve_device
 from ..prolora_core.lora import LoraFile, parse_state_dict
+from ..prolora_core.modulation import modulation_line
 from ..prolora_core.names import name_style
 from ..prolora_core.provenance import output_metadata
-from ..prolora_core.transfer import ModuleMatch, Planned, TransferConfig, TransferResult, check_fits, match_modules, project_loras
-from .bridge import BasisHandle, LoraModel, check_interrupt, native_module, progress
+from ..prolora_core.slices import parse_place
+from ..prolora_core.report import GROUPS, SimilarityHint, format_summary
+from ..prolora_core.transfer import (
+    BasisProvider,
+    ModuleMatch,
+    ModuleReport,
+    Planned,
+    TransferConfig,
+    TransferResult,
+    check_fits,
+    match_modules,
+    project_loras,
+)
+from .blocks import with_blocks
+from .bridge import CLIP, BasisHandle, LoraModel, ReadOnlyDict, check_interrupt, native_module, progress
+from .families import check_shapes_can_match
 
 
-@dataclass
+class Verdict(NamedTuple):
+    """Match Modules' verdict on a LoRA's modules, and the bases its similarity hint needed."""
+
+    result: TransferResult
+    svd_computed: int
+    bases_from_cache: int
+
+
+@dataclass(frozen=True)
 class MatchHandle:
-    """What **Match Modules** gives: per model part, each source weight's match (target weight, Φ, bases)."""
+    """What **Match Modules** gives: per model part, each source weight's match (target weight, Φ, bases).
+
+    Immutable: ComfyUI caches node outputs and gives the same object to every consumer and to later
+    runs, so nodes that need more modules matched (Project LoRA with another LoRA) call
+    :meth:`extended`, which returns a new handle and leaves this one as Match Modules returned it.
+    """
 
     source: BasisHandle
     target: BasisHandle
     config: TransferConfig
-    matches: dict[str, dict[str, ModuleMatch]] = field(default_factory=dict)
-    unmapped: list[str] = field(default_factory=list)
+    matches: Mapping[str, Mapping[str, ModuleMatch]] = field(default_factory=lambda: ReadOnlyDict())
+    unmapped: tuple[str, ...] = ()
     svd_computed: int = 0
     bases_from_cache: int = 0
+    #: the LoRA given to Match Modules, and each of its modules' (part, source weight key)
+    lora: LoraFile | None = None
+    planned: Mapping[str, tuple[str, str]] = field(default_factory=lambda: ReadOnlyDict())
 
-    def ensure(self, part: str, keys: list[str], pair_only: Collection[str] = ()) -> None:
-        """Match the source weights in ``keys`` that are not matched yet (``pair_only``: by name
-        alone, no basis: weights that only carry 1-D parts); a weight matched that way earlier is
-        matched again when it now needs its bases."""
-        have = self.matches.setdefault(part, {})
+    def with_lora(self, lora: LoraFile) -> MatchHandle:
+        """A handle that plans ``lora`` on the source model (ComfyUI's key maps) and matches the
+        weights it touches; ``self`` is left as it is."""
+        plans, unmapped = plan_lora(lora, self.source)
+        out = replace(self, lora=lora, unmapped=tuple(unmapped),
+                      planned=ReadOnlyDict({p.module.name: (part, p.source_key) for part, plan in plans.items() for p in plan if p.source_key}))
+        for part, plan in plans.items():
+            keys = [p.source_key for p in plan if p.source_key]
+            if part in self.target.parts:
+                check_shapes_can_match(self.source.parts[part], self.target.parts[part], keys, self.config.pairing, f"the LoRA's {len(plan)} modules")
+            out = out.extended(part, keys)
+        return out
+
+    def extended(self, part: str, keys: list[str], pair_only: Collection[str] = ()) -> MatchHandle:
+        """A handle that also matches the source weights in ``keys`` not matched yet (``pair_only``:
+        by name alone, no basis: weights that only carry 1-D parts); a weight matched that way
+        earlier is matched again when it now needs its bases. Returns ``self`` when nothing is new.
+
+        Raises ProLoRAError when ``part`` is touched but the target basis has no such part.
+        """
+        have = self.matches.get(part, {})
         src, tgt = self.source.parts[part], self.target.parts.get(part)
         todo = [k for k in dict.fromkeys(keys)
                 if k not in have or (have[k].basis_free and k not in pair_only and len(src.shape(k)) >= 2)]
         if not todo:
-            return
+            return self
         if tgt is None:
             raise ProLoRAError(f"the LoRA touches the {part} but the target basis was computed without it (connect a CLIP to Compute Basis)")
-        cache = self.source.cache()
-        found, stats = match_modules(todo, src, tgt, self.config, cache, progress(len(todo)), check_interrupt, pair_only)
-        have.update(found)
-        self.svd_computed += stats.svd_computed
-        self.bases_from_cache += stats.bases_from_cache
+        found, stats = match_modules(todo, src, tgt, self.config, self.source.cache(), progress(len(todo)), check_interrupt, pair_only)
+        matches = dict(self.matches)
+        matches[part] = ReadOnlyDict({**have, **found})
+        return replace(self, matches=ReadOnlyDict(matches), svd_computed=self.svd_computed + stats.svd_computed,
+                       bases_from_cache=self.bases_from_cache + stats.bases_from_cache)
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per matched source weight, for reports and the web panel."""
@@ -61,15 +109,58 @@ class MatchHandle:
                 })
         return out
 
-    def summary(self) -> str:
+    def module_reports(self) -> Verdict | None:
+        """The match's verdict per LoRA module as a :class:`TransferResult` without tensors (passing
+        = would be transferred), with best candidates and the similarity-pairing hint; ``None``
+        without a LoRA. Counted by the same :meth:`TransferResult.summary` as a transfer. The bases
+        the hint needed are counted in the verdict (the handle itself is immutable)."""
+        if self.lora is None:
+            return None
+        reports = []
+        for name, mod in self.lora.modules.items():
+            part, key = self.planned.get(name, (None, None))
+            m = self.matches.get(part, {}).get(key) if part is not None else None  # type: ignore[arg-type]
+            rep = ModuleReport(str(self.lora.path or "<LORA_MODEL>"), name, None, key, None, False, "no base weight", kind=mod.kind)
+            if m is not None:
+                ok = m.passes(self.config)
+                rep.transferred = ok
+                rep.reason = ("transferred" if mod.update is not None else "carried over unchanged") if ok else (m.reason or "below threshold")
+                rep.target_key, rep.repaired = (m.target_key, m.repaired) if ok else (None, False)
+            reports.append(rep)
+        result = TransferResult(self.lora, {}, reports)
+        provider = BasisProvider(self.config.basis, resolve_device(self.config.device), self.source.cache())
+        for part, matches in self.matches.items():
+            tgt = self.target.parts.get(part)
+            if tgt is None:
+                continue
+            mine = TransferResult(self.lora, {}, [r for r in reports if self.planned.get(r.source, ("", ""))[0] == part])
+            suggest_candidates([mine], matches, self.source.parts[part], tgt, self.config, provider)
+            hint = mine.similarity_hint
+            if hint is not None:
+                old = result.similarity_hint or SimilarityHint(0, 0, 0)
+                result.similarity_hint = SimilarityHint(old.placed + hint.placed, old.looked_at + hint.looked_at, old.skipped + hint.skipped)
+        return Verdict(result, provider.stats.svd_computed, provider.stats.bases_from_cache)
+
+    def summary(self, verdict: Verdict | None = None) -> str:
+        """Readable summary; with a LoRA, its modules' groups add up to the LoRA's module count."""
         rows = self.rows()
         passing = sum(r["passes"] for r in rows)
         lines = [
             f"ProLoRA match: {self.source.label} → {self.target.label}",
             f"pairing={self.config.pairing} threshold={self.config.threshold:g} subspace rank={self.config.subspace_rank or 'auto min(64, d/4)'}",
-            f"modules matched: {len(rows)}, passing the threshold: {passing}, re-paired: {sum(r['repaired'] for r in rows)}",
-            f"bases computed: {self.svd_computed}, from cache: {self.bases_from_cache}",
         ]
+        if verdict is None:
+            verdict = self.module_reports()
+        computed, cached = self.svd_computed, self.bases_from_cache
+        if verdict is not None:
+            computed, cached = computed + verdict.svd_computed, cached + verdict.bases_from_cache
+            te_reason = "no weight in the source model's text encoder" if CLIP in self.source.parts else "connect a CLIP to Compute Basis to transfer them"
+            result = verdict.result
+            lines += format_summary(result.lora.path.name if result.lora.path else "LoRA", result.summary(), self.config.threshold, te_reason,
+                                    labels={"transferred": "pass (would be transferred)", "carried_over": "carried over unchanged (1-D parts only)"})
+        else:
+            lines.append(f"weights matched: {len(rows)}, passing the threshold: {passing}, re-paired: {sum(r['repaired'] for r in rows)}")
+        lines.append(f"bases computed: {computed}, from cache: {cached}")
         for label, handle in (("source", self.source), ("target", self.target)):
             if any(handle.patched.values()):
                 lines.append(f"note: the {label} model carries patches on {handle.patched} weights (merges or LoRAs); bases are of the patched weights")
@@ -77,8 +168,22 @@ class MatchHandle:
             lines.append(f"LoRA modules with no weight in the source model ({len(self.unmapped)}): {', '.join(self.unmapped[:8])}")
         phis = [min(r["phi_u"], r["phi_v"]) for r in rows if r["phi_u"] is not None]
         if phis:
-            lines.append(f"Φ (min of U/V): min {min(phis):.3f}, median {sorted(phis)[len(phis) // 2]:.3f}, max {max(phis):.3f}")
+            lines.append(f"Φ (min of U/V): min {min(phis):.2f}, median {sorted(phis)[len(phis) // 2]:.2f}, max {max(phis):.2f}")
+        group = modulation_line((r["source"], None if r["phi_u"] is None else min(r["phi_u"], r["phi_v"]), r["passes"], r["target"] is not None)
+                                for r in rows)
+        if group:
+            lines.append(group)
         return "\n".join(lines)
+
+    def panel(self, verdict: Verdict | None = None) -> dict[str, Any]:
+        """What the web panel of Match Modules shows (``ui["prolora_match"][0]``); rows carry their
+        block and model-order position (:func:`.blocks.with_blocks`)."""
+        rows = with_blocks(self.rows())
+        s = verdict.result.summary() if verdict is not None else None
+        return {"threshold": self.config.threshold, "pairing": self.config.pairing, "modules": len(rows), "passing": sum(r["passes"] for r in rows),
+                "rows": rows, "unmapped": list(self.unmapped), "lora_modules": None if s is None else s["modules"],
+                "groups": None if s is None else {GROUPS[k]: n for k, n in s["groups"].items() if n},
+                "similarity_may_place": None if s is None else s["similarity_may_place"]}
 
 
 #: Why a module is not transferred when ComfyUI's key maps do not know its name.
@@ -86,9 +191,10 @@ UNMAPPED = "no entry in ComfyUI's LoRA key map for this model: ComfyUI would not
 
 
 def plan_lora(lora: LoraFile, handle: BasisHandle) -> tuple[dict[str, list[Planned]], list[str]]:
-    """Per model part, the LoRA's modules placed on the source model's weights, through ComfyUI's own
-    key maps (``model_lora_keys_unet`` / ``_clip``), so a module lands where ``comfy.lora.load_lora``
-    applies it; the second value names the modules the key maps do not know (ComfyUI skips them)."""
+    """Per model part, the LoRA's modules placed on the source model's weights, or on slices of
+    fused weights (virtual keys), through ComfyUI's own key maps (``model_lora_keys_unet`` /
+    ``_clip``), so a module lands where ``comfy.lora.load_lora`` applies it; the second value names
+    the modules the key maps do not know (ComfyUI skips them)."""
     plans: dict[str, list[Planned]] = {}
     unmapped: list[str] = []
     for mod in lora.modules.values():
@@ -108,7 +214,18 @@ def plan_lora(lora: LoraFile, handle: BasisHandle) -> tuple[dict[str, list[Plann
 
 def parse_lora_model(lora: dict, label: str = "<LORA_MODEL>") -> LoraFile:
     """A ``LORA_MODEL`` as the engine's :class:`LoraFile`, after ComfyUI's own format conversion
-    (``comfy.lora_convert.convert_lora``, as core ``load_lora_for_models`` does)."""
+    (``comfy.lora_convert.convert_lora``, as core ``load_lora_for_models`` does).
+
+    A :class:`LoraModel` (what the pack's Load LoRA and Project LoRA give) is parsed once and the
+    result kept on it (:meth:`LoraModel.parsed`: a changed tensor parses again); a plain ``dict``
+    (e.g. from core training nodes) is parsed on every call.
+    """
+    if isinstance(lora, LoraModel):
+        return lora.parsed(lambda lm: _parse(lm, label))
+    return _parse(lora, label)
+
+
+def _parse(lora: dict, label: str) -> LoraFile:
     meta = getattr(lora, "metadata", None)
     src = getattr(lora, "source_file", None)
     return parse_state_dict(comfy.lora_convert.convert_lora(dict(lora)), Path(src) if src else Path(label), meta)
@@ -138,10 +255,13 @@ def project_lora_model(lora_in: dict, match: MatchHandle, config: TransferConfig
     results: list[TransferResult] = []
     for part, plan in plans.items():
         keys = [p.source_key for p in plan if p.source_key]
-        match.ensure(part, keys, set(keys) - {p.source_key for p in plan if p.module.update is not None})
+        match = match.extended(part, keys, set(keys) - {p.source_key for p in plan if p.module.update is not None})
         inverse = _inverse(match.target.key_maps.get(part, {}))
 
         def name(p: Planned, m: ModuleMatch, part: str = part, inverse: dict = inverse) -> str:
+            if parse_place(m.target_key) is not None:  # type: ignore[arg-type]  # a slice has no native name: the LoRA's own
+                save_names[p.module.name] = p.module.name
+                return p.module.name
             native = native_module(part, m.target_key)  # type: ignore[arg-type]
             save_names[native] = p.module.name if not m.repaired else _same_style(p.module.name, inverse.get(m.target_key, []), native)  # type: ignore[arg-type]
             return native
@@ -150,9 +270,10 @@ def project_lora_model(lora_in: dict, match: MatchHandle, config: TransferConfig
                                source=match.source.parts[part], target=match.target.parts.get(part))
         tensors.update(res.tensors)
         results.append(res)
-    meta = output_metadata(_merged(lora, tensors, results), match.source.label, match.target.label, config)
+    meta = output_metadata(_merged(lora, tensors, results), match.source.label, match.target.label, config, match.target.family)
     meta["prolora.unmapped_modules"] = str(len(unmapped))
-    return LoraModel(tensors, meta, save_names, None, unused_lines(lora, unmapped)), results
+    return LoraModel(tensors, meta, save_names, None, unused_lines(lora, unmapped),
+                     projection=tuple(m for r in results for m in r.modules)), results
 
 
 def _merged(lora: LoraFile, tensors: dict, results: list[TransferResult]) -> TransferResult:

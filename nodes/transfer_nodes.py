@@ -5,10 +5,12 @@ from dataclasses import replace
 
 from comfy_api.latest import io
 
+from ..prolora_core.errors import ProLoRAError
+from ..prolora_core.modulation import modulation_line
 from ..prolora_core.projection import MODES
 from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, TransferConfig, overall_norm_ratio
 from .bridge import UNET, build_handle
-from .matching import MatchHandle, all_weight_keys, parse_lora_model, plan_lora, project_lora_model, unused_lines
+from .matching import MatchHandle, all_weight_keys, parse_lora_model, project_lora_model, unused_lines
 from .families import check_shapes_can_match
 
 CATEGORY = "ProLoRA"
@@ -29,9 +31,12 @@ class ComputeBasis(io.ComfyNode):
                 io.Model.Input("model", tooltip="The diffusion model (source: the one the LoRA was trained on; target: the one to move it to)."),
                 io.Clip.Input("clip", optional=True, tooltip="Optional text encoder, needed to transfer a LoRA's text-encoder part."),
                 io.Int.Input("subspace_rank", default=0, min=0, max=4096, tooltip="k, the subspace dimension. 0 = auto: min(64, min(m, n)/4) per module, "
-                             "so that the chance level k/d of the similarity stays ≤ 0.25."),
-                io.Combo.Input("device", options=["auto", "cpu", "cuda"], default="auto", tooltip="Where SVDs run; auto = ComfyUI's GPU when it is CUDA."),
-                io.Boolean.Input("use_cache", default=True, tooltip="Keep bases on disk (ComfyUI user folder) so later runs compute no SVD."),
+                             "so that the chance level k/d of the similarity stays ≤ 0.25. Source and target Compute Basis must agree "
+                             "(Match Modules refuses a pair that differs)."),
+                io.Combo.Input("device", options=["auto", "cpu", "cuda"], default="auto", tooltip="Where SVDs run; auto = ComfyUI's GPU when it is CUDA. "
+                               "Source and target Compute Basis must agree."),
+                io.Boolean.Input("use_cache", default=True, tooltip="Keep bases on disk (ComfyUI user folder) so later runs compute no SVD. "
+                                 "Source and target Compute Basis must agree."),
                 io.String.Input("name", default="", optional=True, tooltip="Name of the model in reports and in the provenance of saved LoRAs "
                                 "(e.g. the checkpoint's file name); empty = the model type."),
             ],
@@ -49,10 +54,12 @@ class MatchModules(io.ComfyNode):
         return io.Schema(
             node_id=f"{PREFIX}MatchModules", display_name="Match Modules (ProLoRA)", category=CATEGORY,
             description="Pairs each source module with its target module and measures their subspace similarity Φ; "
-                        "modules below the threshold are not transferred.",
+                        "modules below the threshold are not transferred. Both bases are computed with one subspace rank, device and "
+                        "cache setting: the two Compute Basis nodes must agree on them, otherwise this node stops and names the difference.",
             inputs=[
                 Basis.Input("source_basis", tooltip="Basis of the model the LoRA was trained on."),
-                Basis.Input("target_basis", tooltip="Basis of the model to transfer the LoRA to."),
+                Basis.Input("target_basis", tooltip="Basis of the model to transfer the LoRA to (same subspace_rank, device and use_cache "
+                            "as the source's Compute Basis)."),
                 LoraModelType.Input("lora", optional=True, tooltip="Restrict the work to the modules this LoRA touches (recommended). "
                                     "Without it, every module is matched."),
                 io.Float.Input("threshold", default=DEFAULT_THRESHOLD, min=0.0, max=1.0, step=0.01,
@@ -68,33 +75,28 @@ class MatchModules(io.ComfyNode):
 
     @classmethod
     def execute(cls, source_basis, target_basis, threshold: float, pairing: str, lora=None) -> io.NodeOutput:
+        differ = source_basis.settings_differ(target_basis)
+        if differ:
+            raise ProLoRAError("the two Compute Basis nodes must use the same settings, because both bases are computed, cached and "
+                               f"compared with one setting; they differ in {'; '.join(differ)}")
         config = TransferConfig(subspace_rank=source_basis.subspace_rank, threshold=threshold, pairing=pairing,
                                 device=source_basis.device, basis=source_basis.settings)
         match = MatchHandle(source_basis, target_basis, config)
         unused: list[str] = []
         if lora is not None:
             parsed = parse_lora_model(lora)
-            plans, unmapped = plan_lora(parsed, source_basis)
-            match.unmapped = unmapped
-            unused = unused_lines(parsed, unmapped)
-            for part, plan in plans.items():
-                if part in target_basis.parts:
-                    check_shapes_can_match(source_basis.parts[part], target_basis.parts[part], [p.source_key for p in plan if p.source_key],
-                                           pairing, f"the LoRA's {len(plan)} modules")
-                match.ensure(part, [p.source_key for p in plan if p.source_key])
+            match = match.with_lora(parsed)
+            unused = unused_lines(parsed, match.unmapped)
         else:
             for part in source_basis.parts:
                 if part in target_basis.parts:
                     keys = all_weight_keys(source_basis, part)
                     check_shapes_can_match(source_basis.parts[part], target_basis.parts[part], keys, pairing,
                                            f"the source model's {len(keys)} weights")
-                    match.ensure(part, keys)
-        rows = match.rows()
-        ui = {"prolora_match": [{
-            "threshold": threshold, "pairing": pairing, "modules": len(rows), "passing": sum(r["passes"] for r in rows),
-            "rows": rows, "unmapped": match.unmapped, "unused": unused,
-        }]}
-        return io.NodeOutput(match, "\n".join([match.summary(), *unused]), ui=ui)
+                    match = match.extended(part, keys)
+        verdict = match.module_reports()
+        panel = {**match.panel(verdict), "unused": unused}
+        return io.NodeOutput(match, "\n".join([match.summary(verdict), *unused]), ui={"prolora_match": [panel]})
 
 
 class ProjectLoRA(io.ComfyNode):
@@ -108,7 +110,8 @@ class ProjectLoRA(io.ComfyNode):
                 LoraModelType.Input("lora", tooltip="The source LoRA (from Load LoRA (ProLoRA) or any LORA_MODEL)."),
                 Match.Input("match", tooltip="From Match Modules."),
                 io.Combo.Input("mode", options=list(MODES), default=DEFAULT_MODE, tooltip="prolora-full: all four subspace/null-space terms (rank r, "
-                               "exact when target = source; default). prolora: the paper's Eq. 3 (rank ≤ 2r). subspace: null space dropped. copy: unchanged."),
+                               "exact when target = source; default). prolora: the paper's Eq. 3 (rank ≤ 2r). subspace: null space dropped. copy: unchanged. "
+                               "casa: cluster-aware spectral arbitration on the full source SVD and the target's departure (slow; rank = input's or out_rank)."),
                 io.Int.Input("out_rank", default=0, min=0, max=1024, tooltip="Re-compress each module to this rank (0 = keep). Reports the energy dropped."),
                 io.Boolean.Input("rescale_to_source_norm", default=False, tooltip="Scale each transferred module back to its source norm."),
             ],
@@ -127,6 +130,10 @@ class ProjectLoRA(io.ComfyNode):
         lines = [f"ProLoRA {mode}: {sum(m.transferred for m in modules)}/{len(modules)} modules transferred; "
                  f"unmapped: {out.metadata.get('prolora.unmapped_modules')}",
                  f"overall norm ratio transferred/source: {ratio:.3f}" if ratio is not None else "nothing transferred"]
+        group = modulation_line((m.source_key or m.source, None if m.similarity_u is None else min(m.similarity_u, m.similarity_v or 0.0),
+                                 m.transferred, not m.reason.startswith("target")) for m in modules)
+        if group:
+            lines.append(group)
         for m in modules:
             ratio = f"{m.norm_ratio:.3f}" if m.norm_ratio is not None else "-"
             lines.append(f"{m.source}: {m.reason}, norm ratio {ratio}")

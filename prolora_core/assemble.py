@@ -4,7 +4,9 @@ then the output tensors of each LoRA written in the input's layout.
 Per adapter type (see :mod:`.adapters`): LoRA/LoCon factors are projected in factored form; LoHa
 and LoKr as their dense ``ΔW``, re-factored into a LoRA; a 2-D/4-D ``.diff`` densely, written back
 as a ``.diff``; a DoRA magnitude by the ratio rule; 1-D parts are carried over unchanged (a module
-made only of them needs no basis). In ``copy`` mode every module is written back as it came.
+made only of them needs no basis). In ``copy`` mode every module is written back as it came. In
+``casa`` mode (:mod:`.casa`) each module reads its source and target weights, one module at a time;
+the update becomes LoRA factors of the output rank (default: the input LoRA's; a ``.diff`` stays dense).
 """
 from __future__ import annotations
 
@@ -14,16 +16,18 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .adapters import FullDiff, LoraModule, Module, dora_magnitude, refactor
+from .adapters import FullDiff, LoraModule, Module, Update, dora_magnitude, refactor
+from .casa import casa_update
 from .config import TransferConfig
 from .errors import ProLoRAError
-from .linalg import cpu_fallback, torch_threads
+from .linalg import cpu_fallback, resolve_device, torch_threads
 from .lora import LoraFile, module_tensors
 from .match import ModuleMatch
 from .names import BaseIndex, name_style
 from .plan import Planned
 from .projection import Factors, project, project_dense, recompress
 from .report import ModuleReport, TransferResult
+from .slices import with_slices
 from .weights import WeightSource
 
 NameFn = Callable[[Planned, ModuleMatch], str]
@@ -66,6 +70,7 @@ def project_loras(loras: Sequence[LoraFile], plan: Sequence[Planned], matches: d
     land on the same output module are summed. ``source`` and ``target`` are needed by DoRA
     modules only (the ratio rule reads both weights). A CUDA out-of-memory error in one module
     redoes that module on the CPU, with a warning."""
+    source, target = (None if w is None else with_slices(w) for w in (source, target))  # DoRA on a slice reads the slice
     reports: list[list[ModuleReport]] = [[] for _ in loras]
     pieces: list[dict[str, list[Piece]]] = [{} for _ in loras]
     with torch_threads(config.threads):
@@ -123,7 +128,9 @@ def _transfer_module(rep: ModuleReport, mod: Module, match: ModuleMatch, config:
         bs, bt = bs.to(device), bt.to(device)
     out_dtype = config.save_dtype or lora_dtype
     diff: Tensor | None = None
-    if isinstance(u, LoraModule):
+    if config.mode == "casa":
+        diff, norm = _casa(piece, rep, mod, u, match, config, weights, device)
+    elif isinstance(u, LoraModule):
         f = u.factors() if copy else project(u.factors(), bs, bt, config.mode)  # type: ignore[arg-type]
         piece.factors, piece.layout = Factors(f.up.to("cpu", torch.float32), f.down.to("cpu", torch.float32), f.scale), u
         norm = piece.factors.frobenius_norm()
@@ -148,6 +155,24 @@ def _transfer_module(rep: ModuleReport, mod: Module, match: ModuleMatch, config:
         piece.tensors[".dora_scale"] = keep(mod.dora_scale) if copy else _dora(mod, match, weights).to(out_dtype)
     rep.transferred_norm = norm
     return piece
+
+
+def _casa(piece: Piece, rep: ModuleReport, mod: Module, u: Update, match: ModuleMatch, config: TransferConfig, weights: Weights,
+          device: torch.device | None) -> tuple[Tensor | None, float]:
+    """Mode ``casa`` for one module: fills ``piece`` (factors, layout, energy) and the report's energy
+    kept; returns the dense ``.diff`` for a full diff (else ``None``) and the output's norm."""
+    source, target = weights
+    if source is None or target is None:
+        raise ProLoRAError("mode casa needs the source and target weights (project_loras(..., source=, target=))", key=mod.name)
+    wt = target.get(match.target_key)  # type: ignore[arg-type]
+    rank = config.out_rank or (u.rank if isinstance(u, LoraModule) else None)
+    res = casa_update(u.dense(), source.get(match.source_key), wt, rank, config.casa, device or resolve_device(config.device))  # type: ignore[arg-type]
+    total = float(res.delta.double().square().sum())
+    if isinstance(u, FullDiff):
+        return res.delta.to("cpu", torch.float32).reshape(wt.shape), total ** 0.5
+    piece.factors, piece.layout = res.factors, (u if isinstance(u, LoraModule) else tuple(wt.shape))
+    piece.energy, rep.energy_kept = (res.energy_kept * total, total), res.energy_kept
+    return None, piece.factors.frobenius_norm()
 
 
 def _dora(mod: Module, match: ModuleMatch, weights: Weights) -> Tensor:

@@ -26,6 +26,8 @@ from .safetensors_io import atomic_save
 
 log = logging.getLogger("prolora")
 ENTRY_FORMAT = "prolora-basis-1"
+#: Default size limit of the cache (GB = 2**30 bytes): the bases of about four SDXL-size model pairs.
+DEFAULT_MAX_GB = 4.0
 
 
 def default_cache_dir() -> Path:
@@ -153,7 +155,30 @@ class BasisCache:
         return removed
 
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        total = 0
+        for p in self.root.rglob("*"):
+            try:
+                total += p.stat().st_size if p.is_file() else 0
+            except FileNotFoundError:  # removed by another process meanwhile
+                continue
+        return total
+
+    def entries(self) -> int:
+        """How many bases the cache holds (all settings)."""
+        return sum(1 for _ in (self.root / "bases").rglob("*.safetensors"))
+
+    def limit(self, max_gb: float) -> int:
+        """:meth:`evict` to ``max_gb`` GB (2**30 bytes); ``max_gb`` must not be negative."""
+        if max_gb < 0:
+            raise ValueError(f"cache size limit must not be negative, got {max_gb}")
+        return self.evict(int(max_gb * 2**30))
+
+    def describe(self, max_gb: float | None = None) -> str:
+        """``basis cache: 1.02 GB in 412 bases (limit 4 GB) at <root>`` (MB below 1 GB) for node and CLI output."""
+        size = self.size_bytes()
+        shown = f"{size / 2**30:.2f} GB" if size >= 2**30 else f"{size / 2**20:.1f} MB"
+        limit = "" if max_gb is None else f" (limit {max_gb:g} GB)"
+        return f"basis cache: {shown} in {self.entries()} bases{limit} at {self.root}"
 
     def clear(self) -> None:
         shutil.rmtree(self.root / "bases", ignore_errors=True)

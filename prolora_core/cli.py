@@ -18,12 +18,16 @@ from typing import Sequence
 import torch
 
 from .basis import BasisSettings
-from .cache import BasisCache, default_cache_dir
+from .cache import DEFAULT_MAX_GB, BasisCache, default_cache_dir
+from .casa import CasaSettings
+from .config import default_threads
 from .errors import ProLoRAError
 from .lora import LoraFile, LoraModule, read_lora
 from .names import BaseIndex
+from .outputs import DEFAULT_PATTERN, free_path, output_stem
 from .projection import MODES
 from .provenance import output_metadata
+from .report import format_summary, is_text_encoder_module
 from .safetensors_io import atomic_save, atomic_write, check_output_path
 from .transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, ModuleReport, TransferConfig, plan_by_names, transfer
 from .weights import open_weights
@@ -106,26 +110,54 @@ def _quantized_note(*bases: object) -> dict[str, list[str]]:
     return out
 
 
+def _outputs(args: argparse.Namespace, paths: list[Path], inputs: list[str | Path]) -> list[Path]:
+    """``--out``, else each LoRA's name from ``--name-pattern`` (or ``<lora><--suffix>``) in
+    ``--out-dir`` or next to the LoRA, with a numbered suffix rather than over an existing file."""
+    if args.out:
+        return [check_output_path(args.out, inputs)]
+    pattern = "{lora}" + args.suffix if args.suffix is not None else args.name_pattern
+    if args.out_dir and not Path(args.out_dir).is_dir():
+        raise ProLoRAError("output folder does not exist", file=Path(args.out_dir))
+    return [check_output_path(free_path(Path(args.out_dir) if args.out_dir else p.parent, output_stem(pattern, p, args.target_base, args.source_base,
+                                                                                                        args.mode)), inputs) for p in paths]
+
+
+def _not_mapped_warnings(plan: list, loras: list[LoraFile], source_label: str, strict: bool) -> None:
+    """One warning per reason for LoRA modules without a weight in the source base."""
+    missing = [p for p in plan if p.source_key is None]
+    te = [p for p in missing if is_text_encoder_module(p.module.name)]
+    other = [p for p in missing if not is_text_encoder_module(p.module.name)]
+    for group, msg in ((other, f"{len(other)} LoRA modules have no weight in {source_label}"),
+                       (te, (f"{len(te)} text-encoder modules are left out: text-encoder names are not mapped from files yet "
+                             "(the ComfyUI nodes map them, with a CLIP connected to Compute Basis)"))):
+        if not group:
+            continue
+        msg += ": " + _first([f"'{p.module.name}'" for p in group])
+        if strict:
+            raise ProLoRAError(msg + " (--strict)", file=loras[group[0].lora_index].path)
+        _warn(msg)
+
+
+def _why(m: ModuleReport) -> str:
+    """A skipped module's reason, with its best candidate and Φ rounded for reading."""
+    best = f"; best candidate {m.candidate}, Φ {m.candidate_phi:.2f}" if m.candidate is not None and m.candidate_phi is not None else ""
+    return m.reason + best
+
+
 def cmd_transfer(args: argparse.Namespace) -> int:
     paths = _lora_paths(args.lora)
-    if len(paths) > 1 and not args.out_dir:
-        raise ProLoRAError("several LoRAs need --out-dir (a folder), not --out")
-    if len(paths) == 1 and not (args.out or args.out_dir):
-        raise ProLoRAError("give --out (a file) or --out-dir (a folder)")
+    if len(paths) > 1 and args.out:
+        raise ProLoRAError("several LoRAs need --out-dir (a folder) or no --out (each is written next to its input), not --out")
     settings = _basis_settings(args)
+    threads = args.threads if args.threads is not None else default_threads()
     config = TransferConfig(mode=args.mode, subspace_rank=args.subspace_rank, threshold=args.threshold, pairing=args.pairing,
                             out_rank=args.out_rank, rescale_to_source_norm=args.rescale, strict=args.strict, device=args.device, basis=settings,
-                            save_dtype=SAVE_DTYPES[args.save_dtype])
+                            save_dtype=SAVE_DTYPES[args.save_dtype], cpu_threads=threads,
+                            casa=CasaSettings(args.casa_energy, args.casa_tau, args.casa_rho, args.casa_quantile))
     if args.cache_max_mb is not None and args.cache_max_mb < 0:
         raise ProLoRAError(f"--cache-max-mb must not be negative, got {args.cache_max_mb}")
     inputs = [args.source_base, args.target_base, *paths]
-    if args.out_dir:
-        out_dir = Path(args.out_dir)
-        if not out_dir.is_dir():
-            raise ProLoRAError("output folder does not exist", file=out_dir)
-        outs = [check_output_path(out_dir / f"{p.stem}{args.suffix}.safetensors", inputs) for p in paths]
-    else:
-        outs = [check_output_path(args.out, inputs)]
+    outs = _outputs(args, paths, inputs)
     seen: dict[Path, Path] = {}
     for lora_path, out in zip(paths, outs):
         if out.resolve() in seen:
@@ -145,36 +177,33 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         if lora.unknown_keys:
             _warn(f"{lora.path}: {len(lora.unknown_keys)} keys are not used: " + _first([f"{k} ({lora.unused[k]})" for k in lora.unknown_keys]))
     plan = plan_by_names(loras, source)
-    missing = [p for p in plan if p.source_key is None]
-    if missing:
-        names = _first([f"'{p.module.name}'" for p in missing])
-        msg = f"{len(missing)} LoRA modules have no weight in {source.label}: {names}"
-        if args.strict:
-            raise ProLoRAError(msg + " (--strict)", file=loras[missing[0].lora_index].path)
-        _warn(msg)
+    _not_mapped_warnings(plan, loras, source.label, args.strict)
     results, stats = transfer(loras, plan, source, target, config, cache, progress=_Progress("module"))
     source.save_memo()
     target.save_memo()
-    if cache is not None and args.cache_max_mb is not None:
-        evicted = cache.evict(int(args.cache_max_mb * 2**20))
+    if cache is not None:
+        max_mb = args.cache_max_mb if args.cache_max_mb is not None else DEFAULT_MAX_GB * 1024
+        evicted = cache.evict(int(max_mb * 2**20))
         if evicted:
-            print(f"[prolora] cache over {args.cache_max_mb:g} MB: removed the {evicted} least recently used bases", file=sys.stderr)
+            print(f"[prolora] cache over {max_mb:g} MB: removed the {evicted} least recently used bases", file=sys.stderr)
+    print(f"ProLoRA {config.mode}, pairing {config.pairing}: {source.label} → {target.label}; bases computed {stats.svd_computed}, "
+          f"from cache {stats.bases_from_cache}; CPU threads {threads}")
     all_modules: list[ModuleReport] = []
     any_done = False
     for result, out in zip(results, outs):
         summary = result.summary()
         all_modules += result.modules
+        print("\n".join(format_summary(result.lora.path.name, summary, config.threshold)))
         if summary["transferred"] == 0:
             _warn(f"{result.lora.path}: no module could be transferred; nothing written for it")
             continue
         any_done = True
         meta = output_metadata(result, source.label, target.label, config)
         atomic_save(result.tensors, out, meta)
-        kept = f", {summary['energy_kept']:.4%} of the energy kept (re-factoring/--out-rank)" if summary["energy_kept"] is not None else ""
-        print(f"wrote {out}: {summary['transferred']}/{summary['modules']} modules transferred ({config.mode}){kept}", file=sys.stderr)
+        print(f"wrote {out}", file=sys.stderr)
         skipped = [m for m in result.modules if not m.transferred and m.source_key is not None]
         if skipped:
-            _warn(f"{len(skipped)} modules not transferred: " + _first([f"{m.source} ({m.reason})" for m in skipped]))
+            _warn(f"{len(skipped)} modules not transferred: " + _first([f"{m.source} ({_why(m)})" for m in skipped]))
     if args.report:
         report = {
             "modules": [m.as_dict() for m in all_modules],
@@ -186,10 +215,12 @@ def cmd_transfer(args: argparse.Namespace) -> int:
                 "transferred": sum(m.transferred for m in all_modules), "modules": len(all_modules),
                 "svd_computed": stats.svd_computed, "bases_from_cache": stats.bases_from_cache, "seconds": round(stats.seconds, 4),
                 "worst_subspace_change": stats.worst_subspace_change, "quantized_bases": quantized, "save_dtype": args.save_dtype,
-                "deterministic": settings.deterministic,
+                "deterministic": settings.deterministic, "threads": config.threads, "outputs": [str(o) for o in outs],
             },
         }
         atomic_write(args.report, json.dumps(report, indent=2, sort_keys=True).encode())
+    if cache is not None:
+        print(cache.describe(args.cache_max_mb / 1024 if args.cache_max_mb is not None else DEFAULT_MAX_GB))
     if not any_done:
         names = ", ".join(str(r.lora.path) for r in results)
         _err(f"{names}: no module could be transferred to {target.label} (see the warnings above)")
@@ -265,7 +296,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         cache.clear()
         print(f"cleared {root}")
     else:
-        print(f"{root}: {cache.size_bytes() / 2**20:.1f} MiB" if root.exists() else f"{root}: empty")
+        print(f"{root}: {cache.size_bytes() / 2**20:.1f} MiB in {cache.entries()} bases (transfer keeps it under {DEFAULT_MAX_GB:g} GB unless "
+              "--cache-max-mb says otherwise)" if root.exists() else f"{root}: empty")
     return 0
 
 
@@ -277,13 +309,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--source-base", required=True, help="safetensors or .gguf file of the base the LoRA was trained on")
     t.add_argument("--target-base", required=True, help="safetensors or .gguf file of the base to transfer to")
     t.add_argument("--lora", required=True, action="append", help="LoRA safetensors file or folder (repeatable)")
-    t.add_argument("--out", help="output file (one LoRA)")
-    t.add_argument("--out-dir", help="output folder (several LoRAs); files are named <lora><suffix>.safetensors")
-    t.add_argument("--suffix", default="_prolora")
+    t.add_argument("--out", help="output file (one LoRA); default: next to each LoRA, named by --name-pattern")
+    t.add_argument("--out-dir", help="output folder instead of each LoRA's own folder; files are named by --name-pattern")
+    t.add_argument("--name-pattern", default=DEFAULT_PATTERN, help=f"output file name without extension (default {DEFAULT_PATTERN}; fields "
+                   "{lora} {target} {source} {mode}); an existing file is never overwritten: _2, _3 … is appended")
+    t.add_argument("--suffix", default=None, help="name outputs <lora><suffix> instead of --name-pattern")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads for bases and projections (default: half the cores, "
+                   f"at most 4: here {default_threads()}), so a transfer leaves room for ComfyUI's sampling")
     t.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=f"projection (default {DEFAULT_MODE})")
     t.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="a module transfers when Φ_U and Φ_V both reach it (default 0.8)")
     t.add_argument("--pairing", choices=PAIRINGS, default="name", help="pair modules by name, or each with its most similar same-shape target module")
     t.add_argument("--out-rank", type=int, default=None, help="re-compress each module to this rank (reports the energy dropped)")
+    d = CasaSettings()
+    t.add_argument("--casa-energy", type=float, default=d.energy, help=f"casa: share of Σσ² of the top source directions (default {d.energy})")
+    t.add_argument("--casa-tau", type=float, default=d.tau, help=f"casa: rotation threshold τ joining two directions (default {d.tau})")
+    t.add_argument("--casa-rho", type=float, default=d.rho, help=f"casa: density quantile ρ above which a group is protected (default {d.rho})")
+    t.add_argument("--casa-quantile", type=float, default=d.arbitrate_q, help=f"casa: score quantile above which entries are arbitrated (default {d.arbitrate_q})")
     t.add_argument("--rescale", action="store_true", help="rescale each transferred module to its source norm")
     t.add_argument("--strict", action="store_true", help="a LoRA module without a base weight is an error")
     t.add_argument("--report", help="write the per-module report as JSON")
@@ -291,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the written tensors (default keep: the input LoRA's; the math runs in float32 either way)")
     t.add_argument("--deterministic", action="store_true",
                    help="compute with one CPU thread, so that the output is bit-for-bit the same whatever the thread count (slower)")
-    t.add_argument("--cache-max-mb", type=float, default=None, help="after the run, remove the least recently used bases until the cache holds at most this many MB")
+    t.add_argument("--cache-max-mb", type=float, default=None, help="after the run, remove the least recently used bases until the cache holds "
+                   f"at most this many MB (default {DEFAULT_MAX_GB * 1024:g})")
     _add_basis_args(t)
     t.set_defaults(func=cmd_transfer)
     s = sub.add_parser("similarity", help="per-module subspace similarity Φ between two bases")
@@ -317,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if getattr(args, "threshold", 0.5) is not None and not 0 <= getattr(args, "threshold", 0.5) <= 1:
             raise ProLoRAError(f"--threshold must lie in [0, 1], got {args.threshold}")
+        if getattr(args, "threads", None) is not None and args.threads <= 0:
+            raise ProLoRAError(f"--threads must be positive, got {args.threads}")
         if getattr(args, "subspace_rank", None) is not None and args.subspace_rank <= 0:
             raise ProLoRAError(f"--subspace-rank must be positive, got {args.subspace_rank}")
         return int(args.func(args))

@@ -4,12 +4,14 @@ Defaults are chosen by the zoo evidence (README, "Choosing the defaults").
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
 
 from .basis import BasisSettings, clamp_rank, default_rank
+from .casa import CasaSettings
 from .errors import ProLoRAError
 from .projection import MODES, Mode
 
@@ -34,6 +36,8 @@ class TransferConfig:
     device: str = "auto"
     basis: BasisSettings = field(default_factory=BasisSettings)
     save_dtype: torch.dtype | None = None  # output dtype; None: the input LoRA's
+    cpu_threads: int | None = None  # torch CPU threads for bases and projections; None: torch's own setting
+    casa: CasaSettings = field(default_factory=CasaSettings)  # mode "casa" only
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -44,6 +48,8 @@ class TransferConfig:
             raise ProLoRAError(f"threshold must lie in [0, 1], got {self.threshold}")
         if self.subspace_rank is not None and self.subspace_rank <= 0:
             raise ProLoRAError(f"subspace rank must be positive, got {self.subspace_rank}")
+        if self.cpu_threads is not None and self.cpu_threads <= 0:
+            raise ProLoRAError(f"threads must be positive, got {self.cpu_threads}")
         if self.out_rank is not None and self.out_rank <= 0:
             raise ProLoRAError(f"output rank must be positive, got {self.out_rank}")
 
@@ -52,8 +58,14 @@ class TransferConfig:
 
     @property
     def threads(self) -> int | None:
-        """One CPU thread when the basis settings ask for bit-for-bit reproducible results."""
-        return 1 if self.basis.deterministic else None
+        """One CPU thread when the basis settings ask for bit-for-bit reproducible results, else ``cpu_threads``."""
+        return 1 if self.basis.deterministic else self.cpu_threads
+
+
+def default_threads() -> int:
+    """Half the CPU cores, at most 4 (at least 1): a transfer beside ComfyUI's sampling leaves it
+    most of the machine (bench/bench_threads.py measures both side by side)."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 #: ``progress(step, total, what)``: called before each step of a long loop.

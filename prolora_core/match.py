@@ -12,12 +12,14 @@ from torch import Tensor
 
 from .basis import Basis, BasisSettings, compute_basis
 from .cache import BasisCache
+from .candidates import candidate_class, target_candidates
 from .config import ProgressFn, TransferConfig
 from .errors import ProLoRAError
 from .linalg import all_finite, cpu_fallback, matrix_shape, resolve_device, torch_threads
 from .names import BaseIndex
 from .report import RunStats
 from .similarity import Similarity, basis_similarity
+from .slices import parse_place, with_slices
 from .weights import WeightSource
 
 def _weight_is_finite(w: Tensor) -> bool:
@@ -102,6 +104,8 @@ def match_modules(
     compares it with every target weight of the same shape and keeps the most similar one (this
     needs the bases of all those candidates: one basis per candidate, computed once per run).
     Keys in ``pair_only`` and 1-D weights are paired by name with no basis (``basis_free``).
+    A slice or swapped view (virtual key, :mod:`.slices`) pairs by name with the same part of the
+    target's weight, whatever ``config.pairing`` says.
     """
     with torch_threads(config.threads):
         return _match_modules(source_keys, source, target, config, cache, progress, check_interrupt, pair_only)
@@ -111,6 +115,7 @@ def _match_modules(source_keys: Sequence[str], source: WeightSource, target: Wei
                    progress: ProgressFn | None, check_interrupt: Callable[[], None] | None,
                    pair_only: Collection[str]) -> tuple[dict[str, ModuleMatch], RunStats]:
     t0 = time.perf_counter()
+    source, target = with_slices(source), with_slices(target)
     provider = BasisProvider(config.basis, resolve_device(config.device), cache)
     target_index, source_index = BaseIndex(target.keys()), BaseIndex(source.keys())
     candidates = _candidates(target) if config.pairing == "similarity" else {}
@@ -124,7 +129,8 @@ def _match_modules(source_keys: Sequence[str], source: WeightSource, target: Wei
             progress(step, len(unique), skey)
         sshape = source.shape(skey)
         m, n = matrix_shape(sshape)
-        name_key = target_index.find_bare(source_index.bare_name(skey))
+        name_key = _name_pair(skey, source_index, target_index, target)
+        by_name = config.pairing == "name" or parse_place(skey) is not None
         same_shape = name_key is not None and matrix_shape(target.shape(name_key)) == (m, n)
         match = ModuleMatch(skey, None, name_key, config.rank_for(m, n))
         matches[skey] = match
@@ -133,15 +139,15 @@ def _match_modules(source_keys: Sequence[str], source: WeightSource, target: Wei
             match.target_key = name_key if same_shape else None
             match.reason = "" if same_shape else "target has no weight of that name and shape"
             continue
-        if config.pairing == "name" and not same_shape:
+        if by_name and not same_shape:
             match.reason = "target has no weight of that name" if name_key is None else f"target weight has another shape {list(target.shape(name_key))}"
             continue
         match.source_basis = provider.get(source, skey, match.k)
-        if config.pairing == "name":
+        if by_name:
             match.target_key, match.target_basis = name_key, provider.get(target, name_key, match.k)  # type: ignore[arg-type]
             match.similarity = basis_similarity(match.source_basis, match.target_basis)
             continue
-        for ckey in candidates.get(_shape_class(sshape), []):
+        for ckey in candidates.get(candidate_class(skey, sshape), []):
             cb = cand_bases.get((ckey, match.k))
             if cb is None:
                 cb = cand_bases[(ckey, match.k)] = provider.get(target, ckey, match.k)
@@ -153,15 +159,17 @@ def _match_modules(source_keys: Sequence[str], source: WeightSource, target: Wei
     return matches, provider.stats
 
 
-def _shape_class(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return (len(shape), *matrix_shape(shape))
+def _name_pair(skey: str, source_index: BaseIndex, target_index: BaseIndex, target: WeightSource) -> str | None:
+    """The target weight of the same name as ``skey``; for a slice, the same slice of it (``None``
+    when the target's weight is too small to hold it)."""
+    s = parse_place(skey)
+    if s is None:
+        return target_index.find_bare(source_index.bare_name(skey))
+    base = target_index.find_bare(source_index.bare_name(s.key))
+    return s.on(base).virtual_key if base is not None and s.fits(tuple(target.shape(base))) else None
 
 
-def _candidates(target: WeightSource) -> dict[tuple[int, ...], list[str]]:
-    """Target weights by shape class: what similarity pairing may choose from."""
-    out: dict[tuple[int, ...], list[str]] = {}
-    for key in target.keys():
-        shape = target.shape(key)
-        if key.endswith(".weight") and len(shape) in (2, 4) and min(matrix_shape(shape)) > 1:
-            out.setdefault(_shape_class(shape), []).append(key)
-    return out
+def _candidates(target: WeightSource) -> dict[tuple, list[str]]:
+    """Target weights by candidate class (model part, kind of weight, shape): what similarity
+    pairing may choose from (:func:`.candidates.candidate_class`)."""
+    return target_candidates(target)

@@ -9,6 +9,8 @@ bases ``U_s, V_s`` and the target bases ``U_t, V_t`` (top-k, orthonormal) the mo
                  Factors ``[B_∥ B_⊥] [A_∥; A_⊥]``: rank ≤ 2r.
 ``prolora-full`` all four terms: ``(P_Ut P_Us + P_Ut⊥ P_Us⊥) ΔW (P_Vs P_Vt + P_Vs⊥ P_Vt⊥)``.
                  Rank ≤ r, and exactly ``ΔW`` back when target = source.
+``casa``         cluster-aware spectral arbitration (:mod:`.casa`): needs the source and target
+                 weights themselves, not only bases, so it is not one of the maps below.
 
 No ``m × n`` matrix is formed: every step costs O((m + n)·k·r). Updates that exist only densely
 (LoHa, LoKr, full diffs) go through :func:`project_dense`, the same maps applied to ``ΔW`` itself.
@@ -24,8 +26,10 @@ from torch import Tensor
 from .basis import Basis
 from .linalg import project_left, project_left_perp, project_right, project_right_perp
 
-Mode = Literal["prolora", "prolora-full", "subspace", "copy"]
-MODES: tuple[Mode, ...] = ("prolora", "prolora-full", "subspace", "copy")
+Mode = Literal["prolora", "prolora-full", "subspace", "copy", "casa"]
+MODES: tuple[Mode, ...] = ("prolora", "prolora-full", "subspace", "copy", "casa")
+#: Modes that are maps of bases (:func:`project`, :func:`project_dense`).
+BASIS_MODES: tuple[Mode, ...] = ("prolora", "prolora-full", "subspace", "copy")
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,8 @@ def project(lora: Factors, source: Basis, target: Basis, mode: Mode) -> Factors:
     """
     if mode == "copy":
         return lora
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode not in BASIS_MODES:
+        raise ValueError(f"mode {mode!r} is not a projection of bases; choose one of {', '.join(BASIS_MODES)}")
     dev, dt = source.U.device, source.U.dtype
     B, A = lora.up.to(dev, dt), lora.down.to(dev, dt)
     Us, Vs, Ut, Vt = source.U, source.V, target.U.to(dev, dt), target.V.to(dev, dt)
@@ -82,8 +86,8 @@ def project_dense(delta: Tensor, source: Basis, target: Basis, mode: Mode) -> Te
     (O(m·n·k)); the result is on the bases' device, in their dtype."""
     if mode == "copy":
         return delta
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode not in BASIS_MODES:
+        raise ValueError(f"mode {mode!r} is not a projection of bases; choose one of {', '.join(BASIS_MODES)}")
     dev, dt = source.U.device, source.U.dtype
     D = delta.to(dev, dt)
     Us, Vs, Ut, Vt = source.U, source.V, target.U.to(dev, dt), target.V.to(dev, dt)

@@ -11,11 +11,14 @@ from typing import Callable, Sequence
 
 from .assemble import NameFn, Piece, default_output_name, project_loras
 from .cache import BasisCache
+from .candidates import suggest_candidates
 from .config import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, Pairing, ProgressFn, TransferConfig
+from .linalg import resolve_device, torch_threads
 from .lora import LoraFile
 from .match import BasisProvider, ModuleMatch, match_modules
 from .plan import Planned, check_fits, plan_by_names
 from .report import ModuleReport, RunStats, TransferResult, overall_norm_ratio
+from .slices import with_slices
 from .weights import WeightSource
 
 __all__ = [
@@ -36,7 +39,11 @@ def transfer(
     check_interrupt: Callable[[], None] | None = None,
 ) -> tuple[list[TransferResult], RunStats]:
     """Check the plan, match the touched source weights, project every LoRA: one pass over the
-    bases serves all LoRAs. Source weights that only carry 1-D parts get no basis."""
+    bases serves all LoRAs. Source weights that only carry 1-D parts get no basis. A plan may place
+    modules on slices of weights (virtual keys, :mod:`.slices`). Skipped modules get their best
+    candidate and, under name pairing, the similarity-pairing hint
+    (:func:`.candidates.suggest_candidates`)."""
+    source, target = with_slices(source), with_slices(target)
     for p in plan:
         if p.source_key is not None:
             check_fits(loras[p.lora_index], p.module, source.shape(p.source_key), source.label)
@@ -45,5 +52,10 @@ def transfer(
     matches, stats = match_modules(keys, source, target, config, cache, progress, check_interrupt, pair_only)
     t0 = time.perf_counter()
     results = project_loras(loras, plan, matches, config, check_interrupt, source=source, target=target)
+    provider = BasisProvider(config.basis, resolve_device(config.device), cache)
+    with torch_threads(config.threads):
+        suggest_candidates(results, matches, source, target, config, provider)
+    stats.svd_computed += provider.stats.svd_computed
+    stats.bases_from_cache += provider.stats.bases_from_cache
     stats.seconds += time.perf_counter() - t0
     return results, stats

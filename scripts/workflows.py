@@ -118,11 +118,11 @@ def _apply(g: Graph, model: Any, lora: Any) -> Any:
 
 def _compare_and_report(g: Graph, branches: list[tuple[str, Any]], cond: Node, latent: Node, match: Node, lora: Any, prefix: str) -> None:
     """Sample every (label, model) branch from the same seed, save the labelled Compare grid and the
-    Match Report picture under ``output/<prefix>/``."""
+    Match Report picture (of ``lora``, the LoRA Project LoRA made) under ``output/<prefix>/``."""
     images = [_sample(g, model, cond, latent, label) for label, model in branches]
     grid = g.add("ProLoRACompare", **{f"image_{i + 1}": img[0] for i, img in enumerate(images)}, labels="\n".join(lbl for lbl, _ in branches))
     g.add("SaveImage", title="Save grid", images=grid[0], filename_prefix=f"{prefix}/grid")
-    report = g.add("ProLoRAReportImage", match=match[0], lora=lora, mode="prolora-full")
+    report = g.add("ProLoRAReportImage", match=match[0], lora=lora)
     g.add("SaveImage", title="Save report", images=report[0], filename_prefix=f"{prefix}/report")
 
 
@@ -154,7 +154,7 @@ def side_by_side() -> Graph:
         ("target + trained", _apply(g, demo[1], demo[3])),
         ("unrelated + ProLoRA", _apply(g, other[1], proj_unrel[0])),
     ]
-    _compare_and_report(g, branches, cond, latent, match, demo[2], "prolora_demo")
+    _compare_and_report(g, branches, cond, latent, match, proj[0], "prolora_demo")
     return g
 
 
@@ -214,7 +214,7 @@ def pruned_target() -> Graph:
         ("B + copy", _apply(g, demo[1], copy[0])),
         ("B + trained", _apply(g, demo[1], demo[3])),
     ]
-    _compare_and_report(g, branches, cond, latent, by_sim, demo[2], "prolora_pruned")
+    _compare_and_report(g, branches, cond, latent, by_sim, proj_sim[0], "prolora_pruned")
     return g
 
 

@@ -167,6 +167,44 @@ def tiny_sdxl_model(seed: int = 0) -> ModelPatcher:
     return build_model("SDXL", SDXL_UNET_CONFIG, seed)
 
 
+#: Flux.1 in miniature (``comfy.ldm.flux.model.Flux``): hidden 64, 2 heads of 32 (axes_dim sums to 32),
+#: one double and one single block, mlp_ratio 4 as in Flux.1, so ComfyUI's key map slices the fused
+#: weights as for the real model: ``img_attn.qkv`` [192, 64] (q, k, v rows of 64), single-block
+#: ``linear1`` [448, 64] (q, k, v, then ``proj_mlp`` 256 rows).
+FLUX_UNET_CONFIG: dict[str, Any] = {
+    "image_model": "flux", "in_channels": 4, "out_channels": 4, "vec_in_dim": 16, "context_in_dim": 32, "hidden_size": 64,
+    "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000,
+    "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+}
+
+#: Chroma in miniature (``comfy.ldm.chroma.model.Chroma``): the tiny Flux's blocks without their
+#: modulation layers (``img_mod``/``txt_mod``/``modulation.lin``), one shared approximator instead.
+CHROMA_UNET_CONFIG: dict[str, Any] = {
+    "image_model": "chroma", "in_channels": 16, "out_channels": 16, "context_in_dim": 32, "hidden_size": 64,
+    "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000,
+    "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 344, "hidden_dim": 32, "n_layers": 1,
+}
+
+
+def tiny_flux_model(seed: int = 0) -> ModelPatcher:
+    """A tiny Flux.1-shaped transformer (ComfyUI's own ``supported_models.Flux``) as a ``MODEL``."""
+    return build_model("Flux", FLUX_UNET_CONFIG, seed)
+
+
+def tiny_chroma_from(flux: ModelPatcher, eps: float, seed: int) -> ModelPatcher:
+    """A Chroma-like descendant of a tiny Flux (ComfyUI's own ``supported_models.Chroma``): every
+    weight the two share by name and shape is the Flux one plus ``eps`` x (mean |p|) x noise, as in
+    :func:`perturbed_copy`; Chroma's own weights (the approximator) keep their seeded init."""
+    target = build_model("Chroma", CHROMA_UNET_CONFIG, seed=1)
+    src = flux.model.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, p in target.model.state_dict().items():
+            if key in src and src[key].shape == p.shape and key.startswith("diffusion_model."):
+                p.copy_(src[key] + eps * src[key].abs().mean() * torch.randn(p.shape, generator=gen))
+    return target
+
+
 def perturbed_copy(patcher: ModelPatcher, eps: float, seed: int) -> ModelPatcher:
     """A "fine-tuned" descendant: a new model of the same architecture whose every parameter is the
     source's plus ``eps`` × (mean |p|) × Gaussian noise (seeded)."""

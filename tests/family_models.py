@@ -75,15 +75,33 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 
 def tiny_model(family: str, seed: int = 0) -> Any:
     """A tiny model of ``family`` (a key of :data:`FAMILIES`) as a ComfyUI ``MODEL``, fp32 on the CPU,
-    every parameter set deterministically from ``seed``."""
+    every parameter set deterministically from ``seed``, and every floating-point buffer of the
+    diffusion model too (SD3's ``pos_embed`` is allocated uninitialised and would otherwise hold
+    whatever memory held, NaN included)."""
     kind, config = FAMILIES[family]
-    return comfy_host.build_model(kind, config, seed)
+    model = comfy_host.build_model(kind, config, seed)
+    gen = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for _, buf in sorted(model.model.diffusion_model.named_buffers(), key=lambda kv: kv[0]):
+            if torch.is_floating_point(buf):
+                buf.copy_(0.02 * torch.randn(buf.shape, generator=gen))
+    return model
+
+
+def descendant(model: Any, eps: float, seed: int) -> Any:
+    """A fine-tuned-like descendant: ``comfy_host.perturbed_copy`` (every parameter + ``eps`` × mean |p|
+    × seeded noise), with the source's buffers copied over (they are not trained)."""
+    out = comfy_host.perturbed_copy(model, eps, seed)
+    with torch.no_grad():
+        for (_, b_src), (_, b_out) in zip(model.model.diffusion_model.named_buffers(), out.model.diffusion_model.named_buffers()):
+            b_out.copy_(b_src)
+    return out
 
 
 def wan22_experts_from(wan21: Any, eps: float = 0.05) -> tuple[Any, Any]:
     """Wan 2.2 A14B's two experts in miniature: each has Wan 2.1 14B's config, and here each is the
     Wan 2.1 model plus its own seeded perturbation (high-noise seed 21, low-noise seed 22)."""
-    return comfy_host.perturbed_copy(wan21, eps, seed=21), comfy_host.perturbed_copy(wan21, eps, seed=22)
+    return descendant(wan21, eps, seed=21), descendant(wan21, eps, seed=22)
 
 
 def parameter_count(model: Any) -> int:

@@ -91,7 +91,7 @@ def api_workflow() -> dict[str, dict[str, Any]]:
         "14": {"class_type": "LoadImage", "inputs": {"image": "prolora_a.png"}},
         "15": {"class_type": "LoadImage", "inputs": {"image": "prolora_b.png"}},
         "16": {"class_type": "ProLoRACompare", "inputs": {"image_1": ["14", 0], "image_2": ["15", 0], "labels": "source\ntransferred"}},
-        "17": {"class_type": "ProLoRAReportImage", "inputs": {"match": ["6", 0], "lora": ["3", 0], "mode": "prolora-full"}},
+        "17": {"class_type": "ProLoRAReportImage", "inputs": {"match": ["6", 0], "lora": ["7", 0]}},
     }
 
 
@@ -193,6 +193,10 @@ def test_workflow_in_the_browser_shows_the_match_report_and_compare_slider(serve
     assert int(panel["skipped"]) == report["modules"] - report["passing"] and panel["pairing"] == report["pairing"] == "name"
     assert 0 < report["passing"] < report["modules"] == len(MODULES)  # some transferred, the output-block ones skipped
     assert panel["strip_cells"] == len(panel["rows"]) == report["modules"]
+    in_order = [r["block"] for r in sorted(report["rows"], key=lambda r: r["order"])]
+    assert panel["strip_blocks"] == in_order  # the strip draws the node's grouping, it does not regroup
+    assert in_order[0] == "in 1" and in_order[-1] == "out 3" and panel["strip_gaps"] == len(dict.fromkeys(in_order)) - 1
+    assert panel["groups"] == report["groups"] and sum(panel["groups"].values()) == int(panel["lora_modules"]) == report["lora_modules"] == len(MODULES)
     by_source = {r["source"]: r for r in report["rows"]}
     for row in panel["rows"]:
         assert row["cls"] == ("pass" if by_source[row["source"]]["passes"] else "skip"), row

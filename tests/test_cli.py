@@ -191,9 +191,9 @@ def test_several_loras_match_separate_runs(tmp_path: Path, capsys: pytest.Captur
     rc, _, err = run_main([*common, "--lora", folder, "--out-dir", d2], capsys)
     assert rc == 0, err
     for d in (d1, d2):
-        assert sorted(p.name for p in d.iterdir()) == ["a_prolora.safetensors", "b_prolora.safetensors"]
+        assert sorted(p.name for p in d.iterdir()) == ["a__to_target.safetensors", "b__to_target.safetensors"]
         for stem in ("a", "b"):
-            assert (d / f"{stem}_prolora.safetensors").read_bytes() == separate[stem].read_bytes(), f"{d.name}/{stem}"
+            assert (d / f"{stem}__to_target.safetensors").read_bytes() == separate[stem].read_bytes(), f"{d.name}/{stem}"
 
 
 RENUMBERED = {f"blocks.{i}.attn.to_q": (24, 40) for i in range(3)}

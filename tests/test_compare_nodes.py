@@ -1,6 +1,8 @@
 """Compare and Report nodes, in-process on real tensors: the labelled grid (sizes, dtype, range, labels
-drawn, odd inputs), the distances, the temp-folder ui images, and the Report picture of a real
-MatchHandle built by the real Compute Basis / Match Modules / Project LoRA nodes on tiny models."""
+drawn, odd inputs), the distances, the temp-folder ui images, the block grouping (one
+implementation, sent to the web panel with the match rows), and the Report picture of a real
+MatchHandle built by the real Compute Basis / Match Modules / Project LoRA nodes on tiny models,
+with the norms of the projection Project LoRA made."""
 from __future__ import annotations
 
 import sys
@@ -24,7 +26,17 @@ MODULES = [
 
 @pytest.fixture(scope="module")
 def cmp(pack: Any) -> Any:
-    return sys.modules[pack.__name__ + ".nodes.compare_nodes"]
+    return sys.modules[pack.__name__ + ".nodes.compare_grid"]
+
+
+@pytest.fixture(scope="module")
+def rep(pack: Any) -> Any:
+    return sys.modules[pack.__name__ + ".nodes.match_report"]
+
+
+@pytest.fixture(scope="module")
+def blk(pack: Any) -> Any:
+    return sys.modules[pack.__name__ + ".nodes.blocks"]
 
 
 def _image(b: int, h: int, w: int, seed: int = 0, c: int = 3) -> torch.Tensor:
@@ -183,7 +195,7 @@ def transfer(nodes_by_id: dict[str, Any], comfyui: Any) -> dict[str, Any]:
     return {"bs": bs, "bt": bt, "lora": lora, "match": match.args[0], "ui": match.ui, "run": run}
 
 
-def test_report_groups_modules_by_block(cmp: Any) -> None:
+def test_report_groups_modules_by_block(blk: Any) -> None:
     cases = {
         "diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight": ("in 4", "attn2.to_k"),
         "diffusion_model.middle_block.1.transformer_blocks.0.ff.net.0.proj.weight": ("mid", "ff.net.0.proj"),
@@ -194,31 +206,54 @@ def test_report_groups_modules_by_block(cmp: Any) -> None:
         "diffusion_model.double_blocks.3.img_attn.qkv.weight": ("double 3", "img_attn.qkv"),
     }
     for key, expected in cases.items():
-        assert cmp.split_key("unet", key)[1:] == expected, key
-    assert cmp.split_key("clip", "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight")[1:] == ("clip:L 0", "self_attn.q_proj")
-    order = [cmp.split_key("unet", f"diffusion_model.{k}.weight")[0] for k in ("input_blocks.1.0.x", "input_blocks.10.0.x", "middle_block.1.x",
+        assert blk.split_key("unet", key)[1:] == expected, key
+    assert blk.split_key("clip", "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight")[1:] == ("clip:L 0", "self_attn.q_proj")
+    order = [blk.split_key("unet", f"diffusion_model.{k}.weight")[0] for k in ("input_blocks.1.0.x", "input_blocks.10.0.x", "middle_block.1.x",
                                                                                  "output_blocks.0.0.x")]
     assert order == sorted(order)
 
 
-def test_report_image_of_a_real_match_with_lora_norms(transfer: dict[str, Any], cmp: Any, comfy_dirs: Path) -> None:
+def test_match_panel_payload_carries_the_block_grouping(transfer: dict[str, Any], blk: Any) -> None:
+    """The web panel draws its strip from ``block``/``order`` in the rows Match Modules sends: the
+    same grouping and model order as the Report picture (the panel has no grouping of its own)."""
+    payload = transfer["ui"]["prolora_match"][0]
+    rows = payload["rows"]
+    assert len(rows) == len(MODULES) and sorted(r["order"] for r in rows) == list(range(len(rows)))
+    ordered = sorted(rows, key=lambda r: r["order"])
+    assert [r["source"] for r in ordered] == [r["source"] for r in blk.module_order(rows)]
+    for r in rows:
+        assert r["block"] == blk.split_key(r["part"], r["source"])[1]
+    assert [r["block"] for r in ordered] == ["in 1"] * 4 + ["mid", "out 2"]
+    import json
+
+    json.dumps(payload)  # what ComfyUI sends over the websocket
+
+
+def _project(run: Any, lora: Any, match: Any, mode: str = "prolora-full", out_rank: int = 0, rescale: bool = False) -> tuple[Any, str]:
+    out, report = run("ProLoRAProjectLoRA", lora=lora, match=match, mode=mode, out_rank=out_rank, rescale_to_source_norm=rescale).args
+    return out, report
+
+
+def test_report_image_of_a_real_match_with_the_projection_project_lora_made(transfer: dict[str, Any], rep: Any, blk: Any,
+                                                                             comfy_dirs: Path) -> None:
     match, lora, run = transfer["match"], transfer["lora"], transfer["run"]
     rows = match.rows()
     assert 0 < sum(r["passes"] for r in rows) < len(rows), [(r["source"], r["phi_u"], r["phi_v"]) for r in rows]
-    out = run("ProLoRAReportImage", match=match, lora=lora, mode="prolora-full")
+    projected, report = _project(run, lora, match)
+    out = run("ProLoRAReportImage", match=match, lora=projected)
     (image,) = out.args
     _check_image(image)
-    assert tuple(image.shape) == (1, cmp.REPORT_SIZE[1], cmp.REPORT_SIZE[0], 3)
+    assert tuple(image.shape) == (1, rep.REPORT_SIZE[1], rep.REPORT_SIZE[0], 3)
     assert float(image.std()) > 0.05
     assert out.ui.as_dict()["images"][0]["type"] == "temp"
-    data = cmp.report_data(match, lora, "prolora-full")
+    data = rep.report_data(match, projected)
     assert len(data.norms) == len(MODULES) and {n["transferred"] for n in data.norms} == {True, False}
-    _, report = run("ProLoRAProjectLoRA", lora=lora, match=match, mode="prolora-full", out_rank=0, rescale_to_source_norm=False).args
     done = [n for n in data.norms if n["transferred"]]
     ratio = sum(n["transferred_norm"] ** 2 for n in done) ** 0.5 / sum(n["source_norm"] ** 2 for n in done) ** 0.5
-    assert f"overall norm ratio transferred/source: {ratio:.3f}" in report  # the same projection as Project LoRA
-    assert f"{len(done)}/{len(MODULES)} modules transferred" in report
-    blocks, kinds, cells = cmp.module_grid(data.rows)
+    assert data.norm_ratio == pytest.approx(ratio)
+    assert f"overall norm ratio transferred/source: {ratio:.3f}" in report  # the same projection as Project LoRA's
+    assert f"{len(done)}/{len(MODULES)} modules transferred" in report and data.projection == "mode prolora-full"
+    blocks, kinds, cells = blk.module_grid(data.rows)
     assert blocks == ["in 1", "mid", "out 2"] and "attn1.to_q" in kinds
     assert cells[("out 2", "attn1.to_v")].passes == [False]
     artifacts = comfy_host.REPO_ROOT / "artifacts"
@@ -228,25 +263,54 @@ def test_report_image_of_a_real_match_with_lora_norms(transfer: dict[str, Any], 
     Image.fromarray((image[0].numpy() * 255).round().astype("uint8")).save(artifacts / "report_image.png")
 
 
-def test_report_image_of_every_module_without_lora_and_pil_fallback(transfer: dict[str, Any], cmp: Any, comfy_dirs: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_report_norms_follow_out_rank_and_rescale(transfer: dict[str, Any], rep: Any, comfy_dirs: Path) -> None:
+    """The report used to re-project with its own config and drop out_rank/rescale: its norms could
+    disagree with the LoRA Project LoRA wrote. Now they are that LoRA's, whatever its options."""
+    match, lora, run = transfer["match"], transfer["lora"], transfer["run"]
+    plain, _ = _project(run, lora, match, "prolora")
+    rescaled, report = _project(run, lora, match, "prolora", rescale=True)
+    squeezed, report2 = _project(run, lora, match, "prolora", out_rank=1)
+    d_plain, d_rescaled, d_squeezed = (rep.report_data(match, x) for x in (plain, rescaled, squeezed))
+    assert "overall norm ratio transferred/source: 1.000" in report and d_rescaled.norm_ratio == pytest.approx(1.0)
+    assert d_rescaled.projection == "mode prolora, rescaled to source norm"
+    for d, lm in ((d_plain, plain), (d_rescaled, rescaled), (d_squeezed, squeezed)):
+        for n, m in zip(d.norms, lm.projection):
+            assert n["transferred_norm"] == m.transferred_norm and n["source_norm"] == m.source_norm
+    moved = [i for i, n in enumerate(d_plain.norms) if n["transferred"]]
+    dropped = float(squeezed.metadata["prolora.energy_dropped"])
+    assert dropped > 0 and d_squeezed.projection == f"mode prolora, out_rank 1 ({1 - dropped:.1%} of the energy kept)"
+    assert any(abs(d_rescaled.norms[i]["transferred_norm"] - d_plain.norms[i]["transferred_norm"]) > 1e-6 for i in moved)
+    assert f"overall norm ratio transferred/source: {d_squeezed.norm_ratio:.3f}" in report2
+    (image,) = run("ProLoRAReportImage", match=match, lora=squeezed).args
+    _check_image(image)
+
+
+def test_report_refuses_a_lora_project_lora_did_not_make(transfer: dict[str, Any], pack: Any, comfy_dirs: Path) -> None:
+    error = sys.modules[pack.__name__ + ".prolora_core.errors"].ProLoRAError
+    run, match, lora = transfer["run"], transfer["match"], transfer["lora"]
+    with pytest.raises(error, match="Project LoRA made"):
+        run("ProLoRAReportImage", match=match, lora=lora)  # the source LoRA, not a projection
+    projected, _ = _project(run, lora, match)
+    (bs2,) = run("ProLoRAComputeBasis", model=comfy_host.tiny_sd15_model(0), clip=None, subspace_rank=0, device="cpu", use_cache=False,
+                 name="other").args
+    (other, _) = run("ProLoRAMatchModules", source_basis=bs2, target_basis=transfer["bt"], lora=lora, threshold=0.6, pairing="name").args
+    with pytest.raises(error, match="connect the same match"):
+        run("ProLoRAReportImage", match=other, lora=projected)
+
+
+def test_report_image_of_every_module_without_lora(transfer: dict[str, Any], rep: Any, blk: Any, comfy_dirs: Path) -> None:
     run = transfer["run"]
     (match, _) = run("ProLoRAMatchModules", source_basis=transfer["bs"], target_basis=transfer["bt"], lora=None, threshold=0.6,
                      pairing="name").args
-    data = cmp.report_data(match)
-    assert data.norms is None and len(data.rows) > 20
-    blocks, _, _ = cmp.module_grid(data.rows)
+    data = rep.report_data(match)
+    assert data.norms is None and data.projection is None and len(data.rows) > 20
+    blocks, _, _ = blk.module_grid(data.rows)
     assert blocks.index("in 1") < blocks.index("mid") < blocks.index("out 0")
-    (image,) = run("ProLoRAReportImage", match=match, lora=None, mode="prolora-full").args
+    (image,) = run("ProLoRAReportImage", match=match, lora=None).args
     _check_image(image)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if matplotlib were not installed
-    fallback = cmp.render_report(data)
-    _check_image(fallback)
-    assert fallback.shape == image.shape and float(fallback.std()) > 0.05
-    assert not torch.equal(fallback, image)
+    assert float(image.std()) > 0.05
     artifacts = comfy_host.REPO_ROOT / "artifacts"
     artifacts.mkdir(exist_ok=True)
     from PIL import Image
 
-    for name, img in (("report_all_modules.png", image), ("report_pil_fallback.png", fallback)):
-        Image.fromarray((img[0].numpy() * 255).round().astype("uint8")).save(artifacts / name)
+    Image.fromarray((image[0].numpy() * 255).round().astype("uint8")).save(artifacts / "report_all_modules.png")

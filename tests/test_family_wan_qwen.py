@@ -86,7 +86,7 @@ def pair(comfyui: Any) -> Iterator[Pairs]:
     def get(family: str) -> tuple[Any, Any]:
         if family not in built:
             src = fm.tiny_model(family)
-            built[family] = (src, comfy_host.perturbed_copy(src, 0.05, seed=11))
+            built[family] = (src, fm.descendant(src, 0.05, seed=11))
         return built[family]
 
     yield get

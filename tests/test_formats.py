@@ -548,6 +548,7 @@ def test_cache_max_mb_evicts_the_least_recently_used_bases(tmp_path: Path, capsy
 # CUDA out of memory: the module falls back to the CPU (needs a GPU)
 # --------------------------------------------------------------------------------------
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_out_of_memory_falls_back_to_cpu_per_module(caplog: pytest.LogCaptureFixture) -> None:
     from prolora_core import Planned, TransferConfig, parse_state_dict

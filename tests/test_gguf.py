@@ -11,6 +11,7 @@ and Q4_K, read through ``prolora_core.gguf_weights.GGUFWeights``.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -269,11 +270,12 @@ def write_state_gguf(path: Path, sd: dict[str, torch.Tensor], qtype: Q) -> Path:
     return path
 
 
-def test_files_node_on_gguf_bases_equals_the_dequantized_safetensors_run(nodes_by_id: dict, tmp_path: Path) -> None:
+def test_files_node_on_gguf_bases_equals_the_dequantized_safetensors_run(nodes_by_id: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import comfy_host
     import folder_paths
     from safetensors.torch import load_file, save_file
 
+    monkeypatch.setenv("PROLORA_CACHE_DIR", str(tmp_path / "cache"))
     src = comfy_host.build_model("WAN21_T2V", WAN_GGUF_CONFIG, seed=0)
     tgt = comfy_host.perturbed_copy(src, 0.05, seed=3)
     models = tmp_path / "models"
@@ -302,8 +304,8 @@ def test_files_node_on_gguf_bases_equals_the_dequantized_safetensors_run(nodes_b
         for ext in ("gguf", "safetensors"):
             names, report = node.execute(source_model=f"diffusion_models/wan21.{ext}", target_model=f"diffusion_models/wan22_low.{ext}",
                                          lora_name="wan_style.safetensors", more_loras="", mode="prolora", subspace_rank=0, threshold=0.0,
-                                         pairing="name", suffix=f"_{ext}", device="cpu").args
-            assert "3/3 transferred" in report, report
+                                         pairing="name", filename_pattern="{lora}_" + ext, device="cpu").args
+            assert re.search(r"3 modules\n\s+3 transferred", report) and f"wan21.{ext} → wan22_low.{ext}" in report, report
             outs[ext] = load_file(str(models / "loras" / names.strip()))
     finally:
         for folder in ("diffusion_models", "loras"):

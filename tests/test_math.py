@@ -191,6 +191,7 @@ def test_factored_norm_matches_dense() -> None:
     assert f.frobenius_norm() == pytest.approx(float(np.linalg.norm(f.dense().numpy())), rel=1e-12)
 
 
+@pytest.mark.gpu
 def test_projection_on_cuda_matches_cpu() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")

@@ -234,7 +234,7 @@ def test_similarity_pairing_and_patched_model_are_reported(nodes_by_id: dict[str
     (bs,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=src, clip=None, subspace_rank=0, device="cpu", use_cache=False)
     (bt,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=tgt, clip=None, subspace_rank=0, device="cpu", use_cache=False)
     match, summary = _run(nodes_by_id, "ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=lora, threshold=0.8, pairing="similarity")
-    assert "re-paired: 1" in summary
+    assert "1 re-paired by similarity" in summary
     out, _ = _run(nodes_by_id, "ProLoRAProjectLoRA", lora=lora, match=match, mode="prolora-full", out_rank=0, rescale_to_source_norm=False)
     assert {k.rsplit(".", 2)[0] if not k.endswith(".alpha") else k[: -len(".alpha")] for k in out} == {f"diffusion_model.{b}"}
     assert out.save_names[f"diffusion_model.{b}"] == f"lora_unet_{b.replace('.', '_')}"  # named after the target, kohya style kept
@@ -276,3 +276,155 @@ def test_basis_reads_original_weights_while_a_patched_clone_is_loaded(nodes_by_i
     assert torch.equal(bs.parts["unet"].get(key), original)
     (bp,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=patched, clip=None, subspace_rank=0, device="cpu", use_cache=False)
     assert not torch.equal(bp.parts["unet"].get(key), original)
+
+
+# --------------------------------------------------------------------------------------
+# Node state: settings on both sides, immutable match objects, one parse per LoRA
+# --------------------------------------------------------------------------------------
+
+
+def _module(pack: Any, name: str) -> Any:
+    import sys
+
+    return sys.modules[f"{pack.__name__}.{name}"]
+
+
+def test_non_default_rank_device_and_cache_on_both_sides(nodes_by_id: dict[str, Any], pack: Any, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """subspace_rank 3, device cpu and the cache on, set on both Compute Basis nodes: every basis has
+    k = 3, both sides' bases go to (and later come from) the cache, and the projection is the
+    dense reference's with k = 3."""
+    from comfy_extras.nodes_train import LoraModelLoader
+
+    monkeypatch.setenv("PROLORA_CACHE_DIR", str(tmp_path / "cache"))
+    src = comfy_host.tiny_sd15_model(0)
+    tgt = _descendant(src, seed=21, eps=0.05)
+    lora = _kohya_lora(src)
+
+    def match_once() -> Any:
+        (bs,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=src, clip=None, subspace_rank=3, device="cpu", use_cache=True)
+        (bt,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=tgt, clip=None, subspace_rank=3, device="cpu", use_cache=True)
+        match, summary = _run(nodes_by_id, "ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=lora, threshold=0.0, pairing="name")
+        return match
+
+    first = match_once()
+    rows = first.rows()
+    assert len(rows) == len(MODULES) and {r["k"] for r in rows} == {3}
+    assert first.svd_computed == 2 * len(MODULES) and first.bases_from_cache == 0  # both sides computed …
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2 * len(MODULES)  # … and cached
+    second = match_once()
+    assert second.svd_computed == 0 and second.bases_from_cache == 2 * len(MODULES)  # both sides read back
+    out, report = _run(nodes_by_id, "ProLoRAProjectLoRA", lora=lora, match=second, mode="prolora-full", out_rank=0, rescale_to_source_norm=False)
+    assert out.metadata["prolora.subspace_rank"] == "3"
+    (patched,) = LoraModelLoader.execute(model=tgt, lora=out, strength_model=1.0).args
+    before, after, src_sd = comfy_host.unet_weights(tgt), comfy_host.unet_weights(patched, patched=True), comfy_host.unet_weights(src)
+    for mod in MODULES:
+        key = f"diffusion_model.{mod}.weight"
+        name = "lora_unet_" + mod.replace(".", "_")
+        up, down = lora[f"{name}.lora_up.weight"], lora[f"{name}.lora_down.weight"]
+        dense = (2.0 / 4) * (up.reshape(up.shape[0], 4).double() @ down.reshape(4, -1).double())
+        m = dense.shape[0]
+        expected = reference_transfer(dense.numpy(), src_sd[key].reshape(m, -1).double().numpy(), before[key].reshape(m, -1).double().numpy(), 3,
+                                      "prolora-full")
+        got = (after[key] - before[key]).reshape(m, -1).double().numpy()
+        # k = 3 on a tiny random model has almost no spectral gap: the randomized basis stops at
+        # 1 − Φ ≤ 1e-5 (principal angles ≈ 3e-3), hence the looser bound than at the default k.
+        assert np.linalg.norm(got - expected) <= 3e-3 * np.linalg.norm(expected), mod
+        assert np.linalg.norm(got - dense.numpy()) > 0.01 * np.linalg.norm(expected), mod  # the projection did change it (3x the bound)
+
+
+def test_cache_off_on_both_sides_writes_nothing(nodes_by_id: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROLORA_CACHE_DIR", str(tmp_path / "cache"))
+    src = comfy_host.tiny_sd15_model(0)
+    tgt = _descendant(src, seed=22, eps=0.05)
+    (bs,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=src, clip=None, subspace_rank=5, device="cpu", use_cache=False)
+    (bt,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=tgt, clip=None, subspace_rank=5, device="cpu", use_cache=False)
+    match, summary = _run(nodes_by_id, "ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=_kohya_lora(src), threshold=0.0, pairing="name")
+    assert {r["k"] for r in match.rows()} == {5} and match.svd_computed == 2 * len(MODULES)
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("target_settings, named", [
+    ({"subspace_rank": 3}, "subspace_rank (source 8, target 3)"),
+    ({"use_cache": False}, "use_cache (source on, target off)"),
+    ({"device": "cuda"}, "device (source cpu, target cuda)"),
+])
+def test_match_modules_refuses_compute_basis_nodes_that_disagree(nodes_by_id: dict[str, Any], pack: Any, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch, target_settings: dict, named: str) -> None:
+    """The target's own settings used to be ignored silently (rank 3 and cache off gave rank 8 and a
+    filled cache); now the pair is refused, naming each difference."""
+    monkeypatch.setenv("PROLORA_CACHE_DIR", str(tmp_path / "cache"))
+    src = comfy_host.tiny_sd15_model(0)
+    settings = {"subspace_rank": 8, "device": "cpu", "use_cache": True}
+    (bs,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=src, clip=None, **settings)
+    (bt,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=_descendant(src, seed=23, eps=0.05), clip=None, **{**settings, **target_settings})
+    error = _module(pack, "prolora_core.errors").ProLoRAError
+    with pytest.raises(error, match="must use the same settings") as info:
+        _run(nodes_by_id, "ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=_kohya_lora(src), threshold=0.0, pairing="name")
+    assert named in str(info.value)
+    assert not (tmp_path / "cache").exists()  # refused before any basis was computed
+
+
+def test_project_lora_with_another_lora_leaves_the_match_unchanged(nodes_by_id: dict[str, Any]) -> None:
+    """ComfyUI caches Match Modules' output: Project LoRA with a LoRA that touches more modules must
+    not add them to that object (it grew from 2 to 3 modules before)."""
+    import dataclasses
+
+    src = comfy_host.tiny_sd15_model(0)
+    tgt = _descendant(src, seed=24, eps=0.05)
+    small = comfy_host.kohya_lora(src, MODULES[:2], rank=2, alpha=2.0, seed=3)
+    bigger = comfy_host.kohya_lora(src, MODULES[:3], rank=2, alpha=2.0, seed=4)
+    (bs,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=src, clip=None, subspace_rank=0, device="cpu", use_cache=False)
+    (bt,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=tgt, clip=None, subspace_rank=0, device="cpu", use_cache=False)
+    match, summary = _run(nodes_by_id, "ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=small, threshold=0.0, pairing="name")
+    rows, counts = match.rows(), (match.svd_computed, match.bases_from_cache)
+    assert len(rows) == 2
+    out, report = _run(nodes_by_id, "ProLoRAProjectLoRA", lora=bigger, match=match, mode="prolora-full", out_rank=0, rescale_to_source_norm=False)
+    assert "3/3 modules transferred" in report  # Project LoRA matched the third module for itself …
+    assert match.rows() == rows and (match.svd_computed, match.bases_from_cache) == counts  # … on a new object
+    assert sum(len(m) for m in match.matches.values()) == 2 and match.summary() == summary
+    _run(nodes_by_id, "ProLoRAReportImage", match=match, lora=out)
+    assert match.rows() == rows
+    with pytest.raises(TypeError):
+        match.matches["unet"]["diffusion_model.x.weight"] = None  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        match.unmapped = ("x",)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        bs.key_maps["unet"]["lora_unet_x"] = "diffusion_model.x.weight"  # type: ignore[index]
+
+
+def test_a_lora_model_is_parsed_once_and_again_after_a_change(nodes_by_id: dict[str, Any], pack: Any) -> None:
+    matching, bridge = _module(pack, "nodes.matching"), _module(pack, "nodes.bridge")
+    src = comfy_host.tiny_sd15_model(0)
+    tgt = _descendant(src, seed=25, eps=0.05)
+    lora = bridge.LoraModel(_kohya_lora(src), {"ss_output_name": "style"})
+    (bs,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=src, clip=None, subspace_rank=0, device="cpu", use_cache=False)
+    (bt,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=tgt, clip=None, subspace_rank=0, device="cpu", use_cache=False)
+    match, _ = _run(nodes_by_id, "ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=lora, threshold=0.0, pairing="name")
+    parsed = matching.parse_lora_model(lora)
+    out, _ = _run(nodes_by_id, "ProLoRAProjectLoRA", lora=lora, match=match, mode="prolora-full", out_rank=0, rescale_to_source_norm=False)
+    assert matching.parse_lora_model(lora) is parsed  # Match Modules' parse served Project LoRA
+    name = "lora_unet_" + MODULES[0].replace(".", "_")
+    before = parsed.modules[name].update.dense().clone()
+    lora[f"{name}.lora_up.weight"].mul_(2.0)  # changed in place: parsed again
+    again = matching.parse_lora_model(lora)
+    assert again is not parsed and torch.allclose(again.modules[name].update.dense(), 2 * before)
+    fresh = bridge.LoraModel({k: t.clone() for k, t in lora.items()}, {"ss_output_name": "style"})
+    outs = [_run(nodes_by_id, "ProLoRAProjectLoRA", lora=x, match=match, mode="copy", out_rank=0, rescale_to_source_norm=False)[0] for x in (lora, fresh)]
+    assert set(outs[0]) == set(outs[1]) and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])  # Project LoRA saw the change
+
+
+def test_a_lora_model_of_inference_tensors_is_parsed_once_too(pack: Any) -> None:
+    """ComfyUI runs nodes under ``torch.inference_mode``: the tensors of a loaded LoRA then have no
+    version counter; the parse is still kept, and a replaced tensor still parses again."""
+    matching, bridge = _module(pack, "nodes.matching"), _module(pack, "nodes.bridge")
+    src = comfy_host.tiny_sd15_model(0)
+    with torch.inference_mode():
+        lora = bridge.LoraModel({k: t.clone() for k, t in _kohya_lora(src).items()})
+        assert all(t.is_inference() for t in lora.values())
+        first = matching.parse_lora_model(lora)
+        assert matching.parse_lora_model(lora) is first
+        name = "lora_unet_" + MODULES[0].replace(".", "_")
+        lora[f"{name}.lora_up.weight"] = 3 * lora[f"{name}.lora_up.weight"]
+        again = matching.parse_lora_model(lora)
+        assert again is not first and torch.allclose(again.modules[name].update.dense(), 3 * first.modules[name].update.dense())

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.server
 
 MODULES = ["input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.1.proj_in", "middle_block.1.transformer_blocks.0.ff.net.2"]
 OUR_NODES = ["ProLoRAComputeBasis", "ProLoRAMatchModules", "ProLoRAProjectLoRA", "ProLoRALoadLoRA", "ProLoRASaveLoRA", "ProLoRAApplyLoRA",
-             "ProLoRATransferLoRAFiles", "ProLoRATinyModelLoader", "ProLoRATinyConditioning"]
+             "ProLoRATransferLoRAFiles", "ProLoRACache", "ProLoRATinyModelLoader", "ProLoRATinyConditioning"]
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +122,12 @@ def test_files_node_output_loads_in_core_lora_loader_by_name(server: comfy_host.
         "files": {"class_type": "ProLoRATransferLoRAFiles", "inputs": {
             "source_model": "diffusion_models/tiny_src.safetensors", "target_model": "diffusion_models/tiny_tgt.safetensors",
             "lora_name": "style.safetensors", "more_loras": "concept.safetensors", "mode": "prolora-full", "subspace_rank": 0,
-            "threshold": 0.5, "pairing": "name", "suffix": "_to_tgt", "device": "cpu"}},
+            "threshold": 0.5, "pairing": "name", "filename_pattern": "{lora}_to_tgt", "device": "cpu", "cache_max_gb": 1.0}},
     }
     entry = server.run(wf, timeout=120)
     text = "\n".join(entry["outputs"]["files"]["text"])
-    assert "style.safetensors: 3/3 transferred" in text and "concept.safetensors: 2/2 transferred" in text
+    assert "style.safetensors: 3 modules\n  3 transferred" in text and "concept.safetensors: 2 modules\n  2 transferred" in text, text
+    assert "(limit 1 GB)" in text, text
     assert (server.base_dir / "models" / "loras" / "style_to_tgt.safetensors").is_file()
     second = {
         "tgt": {"class_type": "ProLoRATinyModelLoader", "inputs": {"model_name": "tiny_tgt.safetensors"}},

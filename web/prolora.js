@@ -1,6 +1,7 @@
 // ProLoRA Transfer: web panels for the node pack.
-//  * Match Modules (ProLoRAMatchModules): after a run, the match report on the node: counts, threshold,
-//    a heat strip of Φ per module (model order, grouped by block) and a table with pass/skip colouring.
+//  * Match Modules (ProLoRAMatchModules): after a run, the match report on the node: counts, threshold, the
+//    LoRA's modules by fate (they add up) with the similarity-pairing hint, a heat strip of Φ per module
+//    (model order, grouped by block, both as sent by the node) and a table with pass/skip colouring.
 //  * Compare (ProLoRACompare): a side-by-side view of two branches with a slider that reveals one over
 //    the other, from the images the node saved to ComfyUI's temp folder.
 import { app } from "../../scripts/app.js";
@@ -17,7 +18,7 @@ const CSS = `
 .prolora-panel .prolora-empty { color: #888; font-style: italic; }
 .prolora-head { display: flex; flex-wrap: wrap; gap: 4px 12px; margin-bottom: 4px; }
 .prolora-head b { color: #fff; }
-.prolora-pass { color: #5fd35f; } .prolora-skip { color: #ff6b6b; }
+.prolora-pass { color: #5fd35f; } .prolora-skip { color: #ff6b6b; } .prolora-hint { color: #ffd166; }
 .prolora-strip { display: flex; flex-wrap: wrap; gap: 1px; margin: 4px 0 6px; align-items: flex-end; }
 .prolora-strip .cell { width: 11px; height: 16px; border-bottom: 3px solid transparent; }
 .prolora-strip .cell.pass { border-bottom-color: #2ca02c; } .prolora-strip .cell.skip { border-bottom-color: #d62728; }
@@ -62,18 +63,6 @@ const fmt = (v, d = 3) => (v === null || v === undefined || Number.isNaN(v) ? "�
 const phiOf = (r) => (r.phi_u === null || r.phi_v === null ? null : Math.min(r.phi_u, r.phi_v));
 const shortKey = (k) => k.replace(/^diffusion_model\./, "").replace(/\.weight$/, "");
 
-// Same grouping as the Report node (nodes/compare_nodes.py split_key), simplified.
-function blockOf(row) {
-  const k = shortKey(row.source);
-  let m = k.match(/^(input|output)_blocks\.(\d+)\./);
-  if (m) return { label: `${m[1] === "input" ? "in" : "out"} ${m[2]}`, order: [m[1] === "input" ? 0 : 2, +m[2]] };
-  if (/^middle_block\./.test(k)) return { label: "mid", order: [1, 0] };
-  m = k.match(/^(.*?)([A-Za-z_]*(?:blocks?|layers?))\.(\d+)\./);
-  if (m) return { label: `${row.part === "unet" ? "" : row.part + ":"}${m[2]} ${m[3]}`, order: [row.part === "unet" ? 1.5 : 4, +m[3]] };
-  const head = k.split(".")[0];
-  return { label: head, order: [/^(out|norm_out|conv_out|final)/.test(head) ? 3 : -1, 0] };
-}
-
 // viridis, a few anchors
 const VIRIDIS = [[0, [68, 1, 84]], [0.25, [59, 82, 139]], [0.5, [33, 145, 140]], [0.75, [94, 201, 98]], [1, [253, 231, 37]]];
 function viridis(v) {
@@ -103,19 +92,29 @@ function renderMatch(panel, data) {
       h("span", {}, "pairing ", h("b", { "data-field": "pairing" }, data.pairing)),
       data.unmapped && data.unmapped.length ? h("span", { class: "prolora-skip", title: data.unmapped.join("\n") },
         `unmapped LoRA modules: ${data.unmapped.length}`) : null));
+  // the LoRA's modules by fate (they add up to its module count), and the similarity-pairing hint
+  if (data.groups && data.lora_modules != null) {
+    panel.append(h("div", { class: "prolora-head", "data-field": "groups", title: "every module of the LoRA, by what happens to it" },
+      h("span", {}, "LoRA modules ", h("b", { "data-field": "lora_modules" }, data.lora_modules), ":"),
+      Object.entries(data.groups).map(([label, n]) => h("span", { "data-group": label }, h("b", {}, n), ` ${label}`))));
+    if (data.similarity_may_place) {
+      panel.append(h("div", { class: "prolora-head prolora-hint", "data-field": "similarity_may_place" },
+        `similarity pairing may place ${data.similarity_may_place} of the skipped modules (pairing = similarity)`));
+    }
+  }
 
-  // heat strip in model order, a gap between blocks
-  const ordered = rows.map((r) => ({ r, b: blockOf(r) })).sort((x, y) =>
-    x.b.order[0] - y.b.order[0] || x.b.order[1] - y.b.order[1] || x.r.source.localeCompare(y.r.source));
+  // heat strip in model order, a gap between blocks: the order and block labels come with the rows
+  // (computed once in Python, nodes/blocks.py with_blocks, the same grouping as the Report picture)
+  const ordered = [...rows].sort((x, y) => x.order - y.order);
   const strip = h("div", { class: "prolora-strip", title: "Φ per module in model order (colour: Φ; underline: green transferred, red skipped)" });
   let last = null;
-  for (const { r, b } of ordered) {
-    if (last !== null && b.label !== last) strip.append(h("span", { class: "sep" }));
-    last = b.label;
+  for (const r of ordered) {
+    if (last !== null && r.block !== last) strip.append(h("span", { class: "sep" }));
+    last = r.block;
     const phi = phiOf(r);
     strip.append(h("span", {
-      class: `cell ${r.passes ? "pass" : "skip"}`, style: { background: viridis(phi) },
-      title: `${b.label} · ${shortKey(r.source)}\nΦ_U ${fmt(r.phi_u)}  Φ_V ${fmt(r.phi_v)}  chance ${fmt(r.chance)}\n${r.reason}`,
+      class: `cell ${r.passes ? "pass" : "skip"}`, style: { background: viridis(phi) }, "data-block": r.block,
+      title: `${r.block} · ${shortKey(r.source)}\nΦ_U ${fmt(r.phi_u)}  Φ_V ${fmt(r.phi_v)}  chance ${fmt(r.chance)}\n${r.reason}`,
     }));
   }
   panel.append(strip);

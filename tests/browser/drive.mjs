@@ -82,7 +82,11 @@ try {
     const rect = el.getBoundingClientRect();
     return {
       passing: f("passing"), modules: f("modules"), threshold: f("threshold"), skipped: f("skipped"), pairing: f("pairing"),
+      lora_modules: f("lora_modules"),
+      groups: Object.fromEntries([...el.querySelectorAll("[data-group]")].map((g) => [g.dataset.group, Number(g.querySelector("b").textContent)])),
       strip_cells: el.querySelectorAll(".prolora-strip .cell").length,
+      strip_blocks: [...el.querySelectorAll(".prolora-strip .cell")].map((c) => c.dataset.block),
+      strip_gaps: el.querySelectorAll(".prolora-strip .sep").length,
       rows: [...el.querySelectorAll("tbody tr")].map((tr) => ({ source: tr.dataset.source, cls: tr.className,
         status: tr.querySelector(".status").textContent })),
       visible: rect.width > 50 && rect.height > 50 && getComputedStyle(el).visibility !== "hidden", width: rect.width, height: rect.height,
