@@ -12,12 +12,15 @@ LoRA layouts, each placed by ComfyUI's own key map (``comfy.lora.model_lora_keys
   without and with ``img_mod.1``/``txt_mod.1``; musubi-tuner: ``lora_unet_transformer_blocks_0_attn_to_q``;
 * SD3 kohya (``lora_unet_joint_blocks_0_x_block_attn_qkv``), Z-Image kohya (``lora_unet_layers_0_attention_qkv``),
   HunyuanVideo diffusion-pipe (``transformer.double_blocks.0.img_attn_qkv``): LoRAs on the whole fused
-  weights. Their diffusers layouts (``to_q``/``to_k``/``to_v`` on rows of the fused ``qkv``) need
-  weight slices and are not tested here.
+  weights; SD3 diffusers (``transformer.transformer_blocks.0.attn.to_q``, ``add_q_proj``) and Z-Image
+  diffusers (``diffusion_model.layers.0.attention.to_q``), which ComfyUI applies to rows of the fused
+  ``qkv``: each slice with its own bases (``prolora_core/slices.py``). HunyuanVideo's diffusers names
+  are in no ComfyUI 0.3.75 key map.
 
 Each: ``copy`` output applied by ComfyUI changes the target exactly as the input file does;
 ``prolora-full`` with target = source gives the input's change back; on a perturbed target every
-module matches the dense float64 reference (tests/reference.py). Wan 2.1 → both Wan 2.2 A14B experts
+module (each slice on its rows) matches the dense float64 reference (tests/reference.py), and rows no
+module sits on stay as they were. Wan 2.1 → both Wan 2.2 A14B experts
 from one LoRA; and a pair of models whose shapes cannot match gets one message naming both.
 """
 from __future__ import annotations
@@ -62,6 +65,12 @@ LAYOUTS: dict[str, tuple[str, list[str], bool]] = {
                                   "joint_blocks.0.x_block.mlp.fc1", "joint_blocks.0.x_block.adaLN_modulation.1"]), False),
     "zimage-kohya": ("z_image", _musubi(["layers.0.attention.qkv", "layers.0.attention.out", "layers.0.feed_forward.w1",
                                          "layers.0.feed_forward.w2", "layers.0.adaLN_modulation.0"]), False),
+    "sd3-diffusers": ("sd3", ["transformer.transformer_blocks.0." + m for m in (
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_out.0", "ff.net.0.proj",
+        "ff.net.2")], True),
+    "zimage-diffusers": ("z_image", ["diffusion_model.layers.0." + m for m in ("attention.to_q", "attention.to_k", "attention.to_v",
+                                                                               "attention.to_out.0", "feed_forward.w1", "feed_forward.w3",
+                                                                               "adaLN_modulation.0")], True),
     "hunyuan-diffusion-pipe": ("hunyuan_video", ["transformer.double_blocks.0.img_attn_qkv", "transformer.double_blocks.0.txt_attn_qkv",
                                                  "transformer.double_blocks.0.img_attn_proj", "transformer.double_blocks.0.img_mod.linear",
                                                  "transformer.single_blocks.0.linear1", "transformer.single_blocks.0.modulation.linear"], True),
@@ -103,13 +112,26 @@ def is_prolora_error(err: BaseException) -> bool:
     return type(err).__name__ == "ProLoRAError"
 
 
-def place(model: Any, name: str) -> str:
-    """The weight key ComfyUI's key map gives a LoRA module name; checked to be a whole weight (no slice)."""
+Place = tuple[str, "tuple[int, int] | None"]
+
+
+def place(model: Any, name: str) -> Place:
+    """Where ComfyUI's key map puts a LoRA module: ``(weight key, None)`` for a whole weight, or
+    ``(weight key, (start, length))`` for rows of a fused one (SD3's and Z-Image's diffusers
+    ``to_q``/``to_k``/``to_v`` on ``qkv``). Checked to be one of the two."""
     import comfy.lora
 
     target = comfy.lora.model_lora_keys_unet(model.model, {}).get(name)
-    assert isinstance(target, str), f"{name}: ComfyUI maps it to {target!r}, not to a whole weight"
-    return target
+    if isinstance(target, str):
+        return target, None
+    assert isinstance(target, tuple) and len(target) == 2 and target[1][0] == 0, f"{name}: ComfyUI maps it to {target!r}"
+    return target[0], (target[1][1], target[1][2])
+
+
+def view(w: Any, where: Place) -> Any:
+    """The rows of a whole weight (or weight change) a module sits on."""
+    rows = where[1]
+    return w if rows is None else w[rows[0]:rows[0] + rows[1]]
 
 
 def make_lora(model: Any, layout: str, seed: int = 1, scale: float = 0.1) -> dict[str, torch.Tensor]:
@@ -118,7 +140,7 @@ def make_lora(model: Any, layout: str, seed: int = 1, scale: float = 0.1) -> dic
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for name in names:
-        m, n = sd[place(model, name)].shape
+        m, n = view(sd[place(model, name)[0]], place(model, name)).shape
         down, up = scale * torch.randn(RANK, n, generator=gen), scale * torch.randn(m, RANK, generator=gen)
         if peft:
             out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = down, up
@@ -175,16 +197,20 @@ def no_key_warnings(caplog: pytest.LogCaptureFixture) -> None:
 def check_against_reference(lora: dict, layout: str, src: Any, tgt: Any, out: dict, mode: str) -> None:
     """Each module's change of ``tgt`` under ComfyUI's loader equals the dense float64 reference."""
     before, after, src_sd = comfy_host.unet_weights(tgt), applied(tgt, out), comfy_host.unet_weights(src)
-    touched = set()
+    covered: dict[str, np.ndarray] = {}
     for name in LAYOUTS[layout][1]:
-        key = place(src, name)
-        touched.add(key)
+        where = place(src, name)
+        key = where[0]
         delta = dense(lora, name)
-        want = reference_transfer(delta, src_sd[key].double().numpy(), before[key].double().numpy(), default_k(*delta.shape), mode)
-        got = (after[key] - before[key]).double().numpy()
+        want = reference_transfer(delta, view(src_sd[key].double().numpy(), where), view(before[key].double().numpy(), where),
+                                  default_k(*delta.shape), mode)  # a slice with its own bases
+        got = view((after[key] - before[key]).double().numpy(), where)
         assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want), (layout, name, mode)
-    for key in before.keys() - touched:
-        assert torch.equal(after[key], before[key]), key
+        mask = covered.setdefault(key, np.zeros(before[key].shape[0], dtype=bool))
+        mask[view(np.arange(len(mask)), where)] = True
+    for key in before:  # weights and rows no module sits on stay as they were
+        rest = torch.from_numpy(~covered[key]) if key in covered else slice(None)
+        assert torch.equal(after[key][rest], before[key][rest]), key
 
 
 # --------------------------------------------------------------------------------------
@@ -204,7 +230,7 @@ def test_copy_output_applies_in_comfyui_exactly_as_the_input(nodes_by_id: dict[s
     no_key_warnings(caplog)
     before = comfy_host.unet_weights(tgt)
     changed = {k for k in before if not torch.equal(before[k], want[k])}
-    assert changed == {k for k in before if not torch.equal(before[k], got[k])} == {place(src, m) for m in LAYOUTS[layout][1]}
+    assert changed == {k for k in before if not torch.equal(before[k], got[k])} == {place(src, m)[0] for m in LAYOUTS[layout][1]}
     for k in changed:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
 
