@@ -22,6 +22,7 @@ import argparse
 import cProfile
 import io
 import json
+import math
 import os
 import pstats
 import resource
@@ -263,7 +264,42 @@ def engine_argv(a: dict, device: torch.device) -> list[str]:
     folder = Path(a["folder"])
     return ["transfer", "--source-base", str(folder / "source.safetensors"), "--target-base", str(folder / "target.safetensors"),
             "--lora", str(folder / a["lora"]), "--out", a["out"], "--report", a["report"], "--mode", a["mode"],
-            "--threshold", str(a["threshold"]), "--cache-dir", a["cache"], "--device", device.type]
+            "--threshold", str(a["threshold"]), "--cache-dir", a["cache"], "--device", device.type, "--pairing", a.get("pairing", "name")]
+
+
+class Silence:
+    """The longest time without a progress call: from ``start`` to the first, between calls, and
+    from the last to ``stop``."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def start(self) -> None:
+        self.times = [time.perf_counter()]
+
+    def __call__(self, *_: object) -> None:
+        self.times.append(time.perf_counter())
+
+    def stop(self) -> tuple[float, float]:
+        """(longest gap up to the last progress call, time from the last call to the end)."""
+        end = time.perf_counter()
+        gaps = [b - a for a, b in zip(self.times, self.times[1:])]
+        return (max(gaps) if gaps else 0.0), end - self.times[-1]
+
+
+SILENCE = Silence()
+
+
+def _record_cli_progress() -> None:
+    """The CLI's progress printer, wrapped so that each call is timed (the engine's own callback)."""
+    from prolora_core import cli
+
+    class Timed(cli._Progress):
+        def __call__(self, i: int, total: int, key: str) -> None:
+            SILENCE()
+            super().__call__(i, total, key)
+
+    cli._Progress = Timed  # type: ignore[misc]
 
 
 def phase_engine(a: dict) -> dict:
@@ -272,7 +308,9 @@ def phase_engine(a: dict) -> dict:
     device = resolve(a["device"])
     argv = engine_argv(a, device)
     warm_up(device)
+    _record_cli_progress()
     mon = Monitor(device)
+    SILENCE.start()
     prof = cProfile.Profile() if a.get("profile") else None
     t0 = time.perf_counter()
     if prof is not None:
@@ -280,6 +318,7 @@ def phase_engine(a: dict) -> dict:
     rc = main(argv)
     sync(device)
     seconds = time.perf_counter() - t0
+    silence, tail = SILENCE.stop()
     if prof is not None:
         prof.disable()
         buf = io.StringIO()
@@ -294,7 +333,42 @@ def phase_engine(a: dict) -> dict:
     phis = {m["source"]: [m["similarity_u"], m["similarity_v"]] for m in report["modules"] if m["similarity_u"] is not None}
     return {"seconds": seconds, "svd_computed": s["svd_computed"], "bases_from_cache": s["bases_from_cache"], "engine_seconds": s["seconds"],
             "transferred": s["transferred"], "modules": s["modules"], "worst_subspace_change": s["worst_subspace_change"],
-            "phi": phis, **peaks}
+            "phi": phis, "silence": silence, "tail": tail, "pairs": {m["source"]: m["target"] for m in report["modules"]}, **peaks}
+
+
+def phase_bases(a: dict) -> dict:
+    """Bases of every weight of both files (no cache), batched (``BasisProvider.prefetch``) or one
+    at a time (``BasisProvider.get``, the per-module path), reading the files as the engine does."""
+    from prolora_core.basis import BasisSettings, default_rank
+    from prolora_core.linalg import matrix_shape
+    from prolora_core.match import BasisProvider
+    from prolora_core.weights import SafetensorsWeights
+
+    device = resolve(a["device"])
+    folder = Path(a["folder"])
+    src, tgt = SafetensorsWeights(folder / "source.safetensors"), SafetensorsWeights(folder / "target.safetensors")
+    requests = [(w, key, default_rank(*matrix_shape(w.shape(key)))) for key in src.keys() for w in (src, tgt)]
+    warm_up(device)
+    provider = BasisProvider(BasisSettings(), device, None, a.get("batch_mb"))
+    mon = Monitor(device)
+    SILENCE.start()
+    t0 = time.perf_counter()
+    if a["batched"]:
+        provider.prefetch(requests, SILENCE)
+    else:
+        for w, key, k in requests:
+            SILENCE()
+            provider.get(w, key, k)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    silence, tail = SILENCE.stop()
+    silence = max(silence, tail)
+    peaks = mon.result()
+    elements = sum(math.prod(w.shape(key)) for w, key, _ in requests)
+    iters = [b.iterations for b in provider._ready.values()]
+    unc = [b.uncertainty for b in provider._ready.values()]
+    return {"seconds": seconds, "bases": provider.stats.svd_computed, "elements": elements, "silence": silence,
+            "iterations": [min(iters), max(iters)], "worst_uncertainty": max(unc), "batch_mb": provider.batch_mb, **peaks}
 
 
 def factored_transfer(B: torch.Tensor, A: torch.Tensor, scale: float, Us, Vs, Ut, Vt, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -427,7 +501,7 @@ def phase_eval(a: dict) -> dict:
             "exact_seconds": t_exact}
 
 
-PHASES = {"generate": phase_generate, "recipe": phase_recipe, "engine": phase_engine, "eval": phase_eval}
+PHASES = {"generate": phase_generate, "recipe": phase_recipe, "engine": phase_engine, "eval": phase_eval, "bases": phase_bases}
 
 
 def main() -> None:

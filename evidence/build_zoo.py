@@ -28,6 +28,13 @@ Models (``zoo/<name>.safetensors``, fp16, ``model.diffusion_model.`` keys, metad
                       so a name now points at another block's weights. Initialised from the source's
                       weights (:data:`B_FROM_SOURCE`), then distilled from the source on the ``base``
                       data (ε-prediction of the source as teacher + the plain diffusion loss).
+* ``turbo``         — a few-step student of ``source`` (like SDXL-Turbo / Z-Image Turbo from their
+                      bases): initialised from the source's weights and trained so that ONE euler
+                      step of its own schedule (KSampler ``euler``, ``sgm_uniform``, 4 steps, cfg 1:
+                      :data:`TURBO_SAMPLING`) lands where the source's guided trajectory (euler,
+                      cfg 2, 16 ``sgm_uniform`` steps, whose grid contains the student's) lands
+                      after four of its steps: piecewise trajectory distillation with the guidance
+                      distilled in (see :func:`train_turbo`). No LoRA is trained on it.
 
 LoRAs (``zoo/lora_<style|concept>_<model>.safetensors``, rank 4, alpha 4, fp16, kohya names): the
 same data, steps, init seed and data seed on every model; style 900 steps at lr 6e-3 (its first
@@ -99,13 +106,26 @@ class Recipe:
     # data stream) at a larger learning rate, so the distance to the source grows step by step
     ladder_mid_lr: float = 3e-3
     ladder_far_lr: float = 8e-3
+    # v6: the turbo (few-step student of the source, trajectory-distilled; see train_turbo)
+    turbo_steps: int = 800
+    turbo_lr: float = 5e-4
+    turbo_pool: int = 512  # teacher trajectories (noise draws) the student is trained on
 
     def scaled(self, f: float) -> "Recipe":
         """Every ``*_steps`` times ``f`` (at least 2; the unused v1 ``a_near_steps`` at least 1); rates unchanged."""
         return replace(self, **{k: max(1 if k == "a_near_steps" else 2, int(v * f)) for k, v in asdict(self).items() if k.endswith("_steps")})
 
 
-MODELS = ("source", "descendant_a_near", "descendant_a", "ladder_mid", "ladder_far", "descendant_b", "unrelated_c", "sibling_c")
+MODELS = ("source", "descendant_a_near", "descendant_a", "ladder_mid", "ladder_far", "descendant_b", "unrelated_c", "sibling_c", "turbo")
+
+#: The turbo's own sampling with ComfyUI's KSampler: sampler, scheduler, steps, cfg (guidance is
+#: distilled in, so cfg 1: one model call per step, the negative prompt is not used).
+TURBO_SAMPLING = {"sampler": "euler", "scheduler": "sgm_uniform", "steps": 4, "cfg": 1.0}
+#: The teacher path the turbo is distilled from: the source with euler at this cfg on the
+#: ``sgm_uniform`` grid of ``steps × TURBO_TEACHER_REFINE`` steps. ``sgm_uniform`` grids nest
+#: (timesteps linspace(999, 0, n + 1)[:-1], then σ = 0), so every 4th teacher σ is a student σ.
+TURBO_TEACHER_CFG = 2.0
+TURBO_TEACHER_REFINE = 4
 
 #: Descendant B's architecture: the source's with SSD-1B-style pruning (see the module docstring).
 #: ``transformer_depth_output`` is popped from its END by ComfyUI's UNetModel: output_blocks.0 gets 2.
@@ -214,6 +234,90 @@ def _distillation_loss(model, teacher, x0, cond, noise, sigma) -> tuple[torch.Te
     return kd + task, kd
 
 
+def turbo_sigmas(model, refine: int = 1) -> torch.Tensor:
+    """The turbo's σ grid (``TURBO_SAMPLING``'s scheduler and steps, ComfyUI's ``calculate_sigmas``),
+    or the teacher's ``refine``-times finer grid on the same scheduler; σ_0 = σ_max … 0, float32."""
+    import comfy.samplers
+
+    return comfy.samplers.calculate_sigmas(model.model_sampling, TURBO_SAMPLING["scheduler"],
+                                           TURBO_SAMPLING["steps"] * refine).float()
+
+
+@torch.no_grad()
+def teacher_trajectories(teacher, n: int, seed: int, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's guided euler paths from ``n`` noise draws, kept at the student's σ grid.
+
+    What ComfyUI's KSampler does at full denoise (``EPS.noise_scaling`` with ``max_denoise``:
+    x = ε·√(1 + σ_max²); euler x ← x + (σ' − σ)·ε̂; CFG ε̂ = ε̂_∅ + cfg·(ε̂_c − ε̂_∅)), on the
+    ``TURBO_TEACHER_REFINE``-times finer ``sgm_uniform`` grid. Returns (σ: steps + 1, classes: n,
+    points: n × (steps + 1) × 4 × SIZE × SIZE, the last being the teacher's sample)."""
+    fine = turbo_sigmas(teacher.model, TURBO_TEACHER_REFINE)
+    gen = torch.Generator().manual_seed(seed)
+    classes = torch.randint(0, D.NULL, (n,), generator=gen)
+    x = torch.randn((n, 4, D.SIZE, D.SIZE), generator=gen) * math.sqrt(1.0 + float(fine[0]) ** 2)
+    points = [x]
+    for i in range(len(fine) - 1):
+        eps = []
+        for j in range(0, n, 256):
+            xj, cj = x[j:j + 256], classes[j:j + 256]
+            s = fine[i].expand(xj.shape[0])
+            e_c = eps_prediction(teacher.model, None, xj, s, table[cj])
+            e_u = eps_prediction(teacher.model, None, xj, s, table[D.NULL].expand(xj.shape[0], -1, -1))
+            eps.append(e_u + TURBO_TEACHER_CFG * (e_c - e_u))
+        x = x + (fine[i + 1] - fine[i]) * torch.cat(eps)
+        if (i + 1) % TURBO_TEACHER_REFINE == 0:
+            points.append(x)
+    return fine[::TURBO_TEACHER_REFINE], classes, torch.stack(points, 1)
+
+
+def train_turbo(student, teacher, steps: int, lr: float, pool: int, seed: int, name: str) -> list[float]:
+    """Piecewise trajectory distillation (in the spirit of progressive distillation, Salimans & Ho
+    2022, with all halvings at once): the student (initialised from the teacher) learns to take ONE
+    euler step per σ interval of its own grid, landing on the teacher's guided path.
+
+    Pool: :func:`teacher_trajectories` of ``pool`` noise draws. Step: a batch of (draw, interval i)
+    pairs; target ε* = (x_{i+1} − x_i) / (σ_{i+1} − σ_i) (what a euler step from x_i at σ_i must
+    predict to reach x_{i+1}); loss: the error this makes in x_{i+1}, relative to that point's scale,
+    ‖(σ_{i+1} − σ_i)·(ε̂_student(x_i, σ_i, prompt) − ε*)‖² / (σ_{i+1}² + σ_data²) (σ_data: std of the
+    teacher's samples; so the last step, which writes the image, is not drowned by the first);
+    conditional only (cfg 1). Adam, warm-up + cosine, gradient clip 1. Returns the loss curve."""
+    model = student.model
+    dm = model.diffusion_model
+    table = D.conditioning_table()
+    t0 = time.time()
+    sig, classes, pts = teacher_trajectories(teacher, pool, seed, table)
+    log(f"{name}: {pool} teacher trajectories in {time.time() - t0:.0f} s; student σ grid {[round(float(s), 3) for s in sig]}")
+    k = len(sig) - 1
+    sigma_data = float(pts[:, -1].std())
+    dm.train()
+    opt = torch.optim.Adam(dm.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed + 1)
+    losses = []
+    t0 = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr)
+        j = torch.randint(0, pool, (BATCH,), generator=gen)
+        i = torch.randint(0, k, (BATCH,), generator=gen)
+        x_i, x_next = pts[j, i], pts[j, i + 1]
+        s_i, s_next = sig[i], sig[i + 1]
+        step_size = (s_next - s_i).view(-1, 1, 1, 1)
+        target = (x_next - x_i) / step_size
+        eps = eps_prediction(model, None, x_i, s_i, table[classes[j]])
+        loss = ((step_size * (eps - target)).square() / (s_next.view(-1, 1, 1, 1).square() + sigma_data ** 2)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dm.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            log(f"{name}: step {step + 1}/{steps} x-step error(avg100) {sum(losses[-100:]) / len(losses[-100:]):.4f} "
+                f"({(time.time() - t0) / (step + 1):.2f} s/step)")
+    dm.eval()
+    round_fp16_(student)
+    return losses
+
+
 def train_lora(patcher, family: str, steps: int, lr: float, name: str) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Train a rank-4 LoRA (frozen base) on ``family`` data; returns kohya tensors and the loss curve."""
     model = patcher.model
@@ -295,6 +399,16 @@ def job(name: str, out: str, recipe_json: str) -> tuple[str, float]:
         save_zoo_model(p, out_dir / "descendant_b.safetensors", _meta(name, recipe, **{
             "prolora.zoo.data": "base", "prolora.zoo.parent": "source",
             "prolora.zoo.renamed_from": json.dumps(B_FROM_SOURCE)}))
+    elif name == "turbo":
+        teacher = load_zoo_model(out_dir / "source.safetensors")
+        p = load_zoo_model(out_dir / "source.safetensors")
+        losses = train_turbo(p, teacher, recipe.turbo_steps, recipe.turbo_lr, recipe.turbo_pool, seed=7, name=name)
+        save_zoo_model(p, out_dir / "turbo.safetensors", _meta(name, recipe, **{
+            "prolora.zoo.data": "base", "prolora.zoo.parent": "source",
+            "prolora.zoo.sampling": json.dumps(TURBO_SAMPLING),
+            "prolora.zoo.teacher": json.dumps({"model": "source", "sampler": "euler", "scheduler": TURBO_SAMPLING["scheduler"],
+                                               "steps": TURBO_SAMPLING["steps"] * TURBO_TEACHER_REFINE, "cfg": TURBO_TEACHER_CFG}),
+            "prolora.zoo.final_loss": f"{sum(losses[-50:]) / len(losses[-50:]):.5f}"}))
     elif name.startswith("lora_"):
         _, family, model_name = name.split("_", 2)
         p = load_zoo_model(out_dir / f"{model_name}.safetensors")
@@ -335,8 +449,10 @@ def load_conditioning(zoo: Path = ZOO_DIR) -> torch.Tensor:
 # ComfyUI sampling (the stock KSampler path)
 # ------------------------------------------------------------------------------------------------
 
-def ksample(patcher, cls: int, n: int, seed: int, *, steps: int = 15, cfg: float = 2.0, table: torch.Tensor | None = None) -> torch.Tensor:
-    """``n`` samples of class ``cls`` through ``nodes.common_ksampler`` (euler, normal); returns RGB images."""
+def ksample(patcher, cls: int, n: int, seed: int, *, steps: int = 15, cfg: float = 2.0, table: torch.Tensor | None = None,
+            sampler: str = "euler", scheduler: str = "normal") -> torch.Tensor:
+    """``n`` samples of class ``cls`` through ``nodes.common_ksampler`` (default euler, normal; the
+    turbo: ``**TURBO_SAMPLING``); returns RGB images."""
     import comfy.model_management
     import comfy.utils
     import nodes
@@ -346,7 +462,7 @@ def ksample(patcher, cls: int, n: int, seed: int, *, steps: int = 15, cfg: float
     pos = [[table[cls][None].clone(), {}]]
     neg = [[table[D.NULL][None].clone(), {}]]
     latent = {"samples": torch.zeros((n, 4, D.SIZE, D.SIZE))}
-    (out,) = nodes.common_ksampler(patcher, seed, steps, cfg, "euler", "normal", pos, neg, latent)
+    (out,) = nodes.common_ksampler(patcher, seed, steps, cfg, sampler, scheduler, pos, neg, latent)
     # ComfyUI keeps the model loaded with the LoRA patched INTO the shared weights (clones share one
     # model); unload so that later direct uses of patcher.model (losses) see the clean weights again.
     comfy.model_management.unload_all_models()
@@ -399,7 +515,8 @@ def check_samples(zoo: Path, out_png: Path, n: int = 8) -> dict[str, dict[str, f
         variants = [(m, p)] + [(f"{m}+{l}", with_lora(p, safetensors.torch.load_file(str(zoo / f"lora_{l}_{m}.safetensors"))))
                                for l in LORAS if (zoo / f"lora_{l}_{m}.safetensors").exists()]
         for label, q in variants:
-            imgs = torch.cat([ksample(q, c, n // 2 if c < 3 else n, seed=c, table=table) for c in range(4)])
+            how = TURBO_SAMPLING if m == "turbo" else {}  # the turbo in its own few-step sampling
+            imgs = torch.cat([ksample(q, c, n // 2 if c < 3 else n, seed=c, table=table, **how) for c in range(4)])
             rows.append((label, imgs))
             plain, ring = imgs[: 3 * (n // 2)], imgs[3 * (n // 2):]
             stats[label] = {"finite": float(torch.isfinite(imgs).all()), "stripe": float(D.stripe_score(plain).mean()),
@@ -412,7 +529,7 @@ def check_samples(zoo: Path, out_png: Path, n: int = 8) -> dict[str, dict[str, f
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m evidence.build_zoo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ZOO_DIR)
-    ap.add_argument("--only", nargs="*", help="jobs to run (default: all): source unrelated_c descendant_a lora_<style|concept>_<model>")
+    ap.add_argument("--only", nargs="*", help="jobs to run (default: all): source unrelated_c descendant_a turbo … lora_<style|concept>_<model>")
     ap.add_argument("--scale", type=float, default=1.0, help="scale every step count (a smoke run: 0.05)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--check-samples", action="store_true", help="only sample the zoo in --out through the KSampler")
@@ -425,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     rj = json.dumps(recipe.__dict__)
     save_conditioning(args.out)
     stages = [["source", "unrelated_c", "sibling_c"],
-              ["descendant_a", "descendant_a_near", "descendant_b", "ladder_mid", "ladder_far"]
+              ["descendant_a", "descendant_a_near", "descendant_b", "ladder_mid", "ladder_far", "turbo"]
               + [f"lora_{l}_{m}" for m in ("source", "unrelated_c") for l in LORAS],
               [f"lora_{l}_{m}" for m in ("descendant_a", "descendant_a_near", "descendant_b", "ladder_mid", "ladder_far", "sibling_c")
                for l in LORAS]]

@@ -88,6 +88,7 @@ def project_loras(loras: Sequence[LoraFile], plan: Sequence[Planned], matches: d
             if match.similarity is not None:
                 s = match.similarity
                 rep.similarity_u, rep.similarity_v, rep.chance_u, rep.chance_v, rep.subspace_rank = s.phi_u, s.phi_v, s.chance_u, s.chance_v, match.k
+                rep.basis_uncertainty = match.uncertainty
             if match.target_key is None:
                 continue
             if mod.update is not None and not match.passes(config):  # Φ filters projections; 1-D parts are carried

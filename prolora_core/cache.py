@@ -113,7 +113,8 @@ class BasisCache:
             os.utime(path)  # recently used: evicted last
         except OSError:
             pass  # a read-only cache still serves
-        basis = Basis(U, S, V, tuple(info["shape"]), info["method"], int(info["iterations"]), float(info["subspace_change"]))
+        basis = Basis(U, S, V, tuple(info["shape"]), info["method"], int(info["iterations"]), float(info["subspace_change"]),
+                      float(info.get("uncertainty", 0.0)))
         return basis.truncate(k)
 
     def store(self, content_key: str, basis: Basis) -> None:
@@ -122,7 +123,8 @@ class BasisCache:
             return
         path = self._path(content_key)
         U, S, V = (t.detach().to("cpu").contiguous() for t in (basis.U, basis.S, basis.V))
-        info = {"shape": list(basis.shape), "method": basis.method, "iterations": basis.iterations, "subspace_change": basis.subspace_change}
+        info = {"shape": list(basis.shape), "method": basis.method, "iterations": basis.iterations, "subspace_change": basis.subspace_change,
+                "uncertainty": basis.uncertainty}
         meta = {"format": ENTRY_FORMAT, "settings": self.settings.key(), "content_key": content_key,
                 "checksum": _checksum(U, S, V), "info": json.dumps(info, sort_keys=True)}
         try:

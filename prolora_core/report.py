@@ -16,7 +16,8 @@ class ModuleReport:
     """One LoRA module's fate. Norms are Frobenius norms of the dense ``ΔW`` (scale included).
 
     ``kind``: lora, loha, lokr, diff, or none (only 1-D parts). ``energy_kept``: the share of the
-    projected update's energy (Σσ²) kept when it was re-factored or re-compressed."""
+    projected update's energy (Σσ²) kept when it was re-factored or re-compressed.
+    ``basis_uncertainty``: how far the bases used may be from the exact ones (see ``Basis.uncertainty``)."""
 
     lora: str
     source: str
@@ -35,6 +36,9 @@ class ModuleReport:
     repaired: bool = False
     kind: str = "lora"
     energy_kept: float | None = None
+    #: the larger estimated sin θ_max between the source's or target's randomized basis and the exact
+    #: top-k subspace (0: exact bases; ~1e-5 on a clear spectral gap, ~0.06 on a gap-less power law)
+    basis_uncertainty: float | None = None
     #: for a module not transferred: the most similar target weight found, and its Φ (min of Φ_U, Φ_V)
     candidate: str | None = None
     candidate_phi: float | None = None

@@ -176,9 +176,9 @@ def test_cli_mode_casa_on_real_files(tmp_path: Path, capsys: pytest.CaptureFixtu
         out, report_path = tmp_path / f"out{out_rank}.safetensors", tmp_path / f"report{out_rank}.json"
         argv = ["transfer", "--source-base", bases.source, "--target-base", bases.target, "--lora", lora, "--out", out, "--no-cache",
                 "--device", "cpu", "--mode", "casa", "--threshold", "0", "--report", report_path] + (["--out-rank", str(out_rank)] if out_rank else [])
-        rc, _, err = run_main(argv, capsys)
+        rc, stdout, err = run_main(argv, capsys)
         assert rc == 0, err
-        assert "(casa)" in err and "of the energy kept" in err
+        assert f"wrote {out}" in err and "of the energy kept" in stdout, stdout
         result = read_output(out)
         report = read_report(report_path)
         rows = {r["source"]: r for r in report["modules"]}
