@@ -25,6 +25,7 @@ from ..prolora_core.report import format_summary
 from ..prolora_core.safetensors_io import atomic_save
 from ..prolora_core.slices import parse_place, place_key
 from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, Planned, TransferConfig, transfer
+from ..prolora_core.gguf_weights import GGUFWeights
 from ..prolora_core.weights import SafetensorsWeights, open_weights
 from .bridge import cache_dir, check_interrupt, engine_device, progress
 from .transfer_nodes import CATEGORY, PREFIX
@@ -49,7 +50,7 @@ def resolve_model_file(entry: str) -> Path:
     return Path(path)
 
 
-def file_key_map(weights: SafetensorsWeights) -> dict[str, str]:
+def file_key_map(weights: SafetensorsWeights | GGUFWeights) -> dict[str, str]:
     """LoRA module name → weight key in the file, or the virtual key of a slice of one
     (``prolora_core.slices``), through ComfyUI's own ``model_lora_keys_unet``.
 
