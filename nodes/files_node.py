@@ -25,7 +25,8 @@ from ..prolora_core.report import format_summary
 from ..prolora_core.safetensors_io import atomic_save
 from ..prolora_core.slices import parse_place, place_key
 from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, Planned, TransferConfig, transfer
-from ..prolora_core.weights import SafetensorsWeights
+from ..prolora_core.gguf_weights import GGUFWeights
+from ..prolora_core.weights import SafetensorsWeights, open_weights
 from .bridge import cache_dir, check_interrupt, engine_device, progress
 from .transfer_nodes import CATEGORY, PREFIX
 
@@ -33,8 +34,12 @@ MODEL_FOLDERS = ("checkpoints", "diffusion_models")
 
 
 def model_files() -> list[str]:
-    """``folder/name`` entries of every safetensors file in checkpoints and diffusion_models."""
-    return [f"{folder}/{name}" for folder in MODEL_FOLDERS for name in folder_paths.get_filename_list(folder) if name.endswith(".safetensors")]
+    """``folder/name`` entries of every safetensors file in checkpoints and diffusion_models, and of
+    every GGUF file in diffusion_models (where ComfyUI-GGUF's loader looks)."""
+    found = [f"{folder}/{name}" for folder in MODEL_FOLDERS for name in folder_paths.get_filename_list(folder) if name.endswith(".safetensors")]
+    gguf = {name for base in folder_paths.get_folder_paths("diffusion_models")
+            for name in folder_paths.filter_files_extensions(folder_paths.recursive_search(base)[0], {".gguf"})}
+    return found + [f"diffusion_models/{name}" for name in sorted(gguf)]
 
 
 def resolve_model_file(entry: str) -> Path:
@@ -45,7 +50,7 @@ def resolve_model_file(entry: str) -> Path:
     return Path(path)
 
 
-def file_key_map(weights: SafetensorsWeights) -> dict[str, str]:
+def file_key_map(weights: SafetensorsWeights | GGUFWeights) -> dict[str, str]:
     """LoRA module name → weight key in the file, or the virtual key of a slice of one
     (``prolora_core.slices``), through ComfyUI's own ``model_lora_keys_unet``.
 
@@ -58,7 +63,8 @@ def file_key_map(weights: SafetensorsWeights) -> dict[str, str]:
     unmapped."""
     meta_sd = {k: torch.empty(weights.shape(k), device="meta") for k in weights.keys()}
     prefix = comfy.model_detection.unet_prefix_from_state_dict(meta_sd)
-    meta = weights.reader.header.metadata
+    prefix = prefix if any(k.startswith(prefix) for k in meta_sd) else ""  # a diffusion model alone (ComfyUI's loader does the same)
+    meta = weights.metadata
     if "prolora.unet_config" in meta:
         prefix = meta.get("prolora.key_prefix", prefix)
         kind = getattr(comfy.supported_models, meta.get("prolora.model_kind", "SD15"))
@@ -133,8 +139,8 @@ class TransferLoRAFiles(io.ComfyNode):
                                 cpu_threads=threads or default_threads())
         stems = [output_stem(filename_pattern, p, target_model, source_model, mode) for p in paths]
         cache = BasisCache(cache_dir(), config.basis)
-        source = SafetensorsWeights(resolve_model_file(source_model), cache.memo_dir)
-        target = SafetensorsWeights(resolve_model_file(target_model), cache.memo_dir)
+        source = open_weights(resolve_model_file(source_model), cache.memo_dir)
+        target = open_weights(resolve_model_file(target_model), cache.memo_dir)
         key_map = file_key_map(source)
         loras = [read_lora(p) for p in paths]
         plan = [Planned(i, mod, key_map.get(mod.name)) for i, lora in enumerate(loras) for mod in lora.modules.values()]

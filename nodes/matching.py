@@ -30,6 +30,7 @@ from ..prolora_core.transfer import (
 )
 from .blocks import with_blocks
 from .bridge import CLIP, BasisHandle, LoraModel, ReadOnlyDict, check_interrupt, native_module, progress
+from .families import check_shapes_can_match
 
 
 class Verdict(NamedTuple):
@@ -67,7 +68,10 @@ class MatchHandle:
         out = replace(self, lora=lora, unmapped=tuple(unmapped),
                       planned=ReadOnlyDict({p.module.name: (part, p.source_key) for part, plan in plans.items() for p in plan if p.source_key}))
         for part, plan in plans.items():
-            out = out.extended(part, [p.source_key for p in plan if p.source_key])
+            keys = [p.source_key for p in plan if p.source_key]
+            if part in self.target.parts:
+                check_shapes_can_match(self.source.parts[part], self.target.parts[part], keys, self.config.pairing, f"the LoRA's {len(plan)} modules")
+            out = out.extended(part, keys)
         return out
 
     def extended(self, part: str, keys: list[str], pair_only: Collection[str] = ()) -> MatchHandle:

@@ -11,6 +11,7 @@ from ..prolora_core.projection import MODES
 from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, TransferConfig, overall_norm_ratio
 from .bridge import UNET, build_handle
 from .matching import MatchHandle, all_weight_keys, parse_lora_model, project_lora_model, unused_lines
+from .families import check_shapes_can_match
 
 CATEGORY = "ProLoRA"
 PREFIX = "ProLoRA"
@@ -89,7 +90,10 @@ class MatchModules(io.ComfyNode):
         else:
             for part in source_basis.parts:
                 if part in target_basis.parts:
-                    match = match.extended(part, all_weight_keys(source_basis, part))
+                    keys = all_weight_keys(source_basis, part)
+                    check_shapes_can_match(source_basis.parts[part], target_basis.parts[part], keys, pairing,
+                                           f"the source model's {len(keys)} weights")
+                    match = match.extended(part, keys)
         verdict = match.module_reports()
         panel = {**match.panel(verdict), "unused": unused}
         return io.NodeOutput(match, "\n".join([match.summary(verdict), *unused]), ui={"prolora_match": [panel]})

@@ -1,7 +1,7 @@
 """Command line: ``python -m prolora_core {transfer,similarity,inspect,cache}``.
 
-Scope: base files are safetensors whose module weights are ``<module>.weight``; LoRA module names
-are matched to them directly, through a known prefix (``diffusion_model.``,
+Scope: base files are safetensors, or GGUF (ComfyUI-GGUF's naming, dequantized per tensor), whose
+module weights are ``<module>.weight``; LoRA module names are matched to them directly, through a known prefix (``diffusion_model.``,
 ``model.diffusion_model.``, ``unet.``) or through kohya's underscore naming. LoRAs named in another
 scheme than their checkpoint (kohya diffusers-style names on an LDM checkpoint) need the ComfyUI
 nodes, which use ComfyUI's own key mapping.
@@ -30,7 +30,7 @@ from .provenance import output_metadata
 from .report import format_summary, is_text_encoder_module
 from .safetensors_io import atomic_save, atomic_write, check_output_path
 from .transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, ModuleReport, TransferConfig, plan_by_names, transfer
-from .weights import SafetensorsWeights
+from .weights import open_weights
 
 EXIT_ERROR = 2
 EXIT_NOTHING = 1
@@ -101,6 +101,15 @@ def _add_basis_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
 
+def _quantized_note(*bases: object) -> dict[str, list[str]]:
+    """Say (stderr) which bases came from a block-quantized GGUF file: their bases and Φ are those of
+    the dequantized weights. Returns ``{label: quantization types}`` for the report."""
+    out = {b.label: b.quantized for b in bases if getattr(b, "quantized", None)}  # type: ignore[attr-defined]
+    for label, types in out.items():
+        print(f"[prolora] {label} is quantized ({', '.join(types)}): its bases are those of the dequantized weights", file=sys.stderr)
+    return out
+
+
 def _outputs(args: argparse.Namespace, paths: list[Path], inputs: list[str | Path]) -> list[Path]:
     """``--out``, else each LoRA's name from ``--name-pattern`` (or ``<lora><--suffix>``) in
     ``--out-dir`` or next to the LoRA, with a numbered suffix rather than over an existing file."""
@@ -160,8 +169,9 @@ def cmd_transfer(args: argparse.Namespace) -> int:
             raise ProLoRAError("the report would overwrite the output LoRA; choose another --report name", file=report_path)
     cache = _cache(args, settings)
     memo = cache.memo_dir if cache is not None else None
-    source = SafetensorsWeights(args.source_base, memo)
-    target = SafetensorsWeights(args.target_base, memo)
+    source = open_weights(args.source_base, memo)
+    target = open_weights(args.target_base, memo)
+    quantized = _quantized_note(source, target)
     loras: list[LoraFile] = [read_lora(p) for p in paths]
     for lora in loras:
         if lora.unknown_keys:
@@ -204,8 +214,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
                 "unused": {str(r.lora.path): r.lora.unused for r in results},
                 "transferred": sum(m.transferred for m in all_modules), "modules": len(all_modules),
                 "svd_computed": stats.svd_computed, "bases_from_cache": stats.bases_from_cache, "seconds": round(stats.seconds, 4),
-                "worst_subspace_change": stats.worst_subspace_change, "save_dtype": args.save_dtype, "deterministic": settings.deterministic,
-                "threads": config.threads, "outputs": [str(o) for o in outs],
+                "worst_subspace_change": stats.worst_subspace_change, "quantized_bases": quantized, "save_dtype": args.save_dtype,
+                "deterministic": settings.deterministic, "threads": config.threads, "outputs": [str(o) for o in outs],
             },
         }
         atomic_write(args.report, json.dumps(report, indent=2, sort_keys=True).encode())
@@ -226,8 +236,9 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     settings = _basis_settings(args)
     cache = _cache(args, settings)
     memo = cache.memo_dir if cache is not None else None
-    source = SafetensorsWeights(args.source_base, memo)
-    target = SafetensorsWeights(args.target_base, memo)
+    source = open_weights(args.source_base, memo)
+    target = open_weights(args.target_base, memo)
+    _quantized_note(source, target)
     provider = BasisProvider(settings, resolve_device(args.device), cache)
     tindex, sindex = BaseIndex(target.keys()), BaseIndex(source.keys())
     config = TransferConfig(subspace_rank=args.subspace_rank)
@@ -295,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("transfer", help="transfer LoRA(s) from a source base to a target base")
-    t.add_argument("--source-base", required=True, help="safetensors file of the base the LoRA was trained on")
-    t.add_argument("--target-base", required=True, help="safetensors file of the base to transfer to")
+    t.add_argument("--source-base", required=True, help="safetensors or .gguf file of the base the LoRA was trained on")
+    t.add_argument("--target-base", required=True, help="safetensors or .gguf file of the base to transfer to")
     t.add_argument("--lora", required=True, action="append", help="LoRA safetensors file or folder (repeatable)")
     t.add_argument("--out", help="output file (one LoRA); default: next to each LoRA, named by --name-pattern")
     t.add_argument("--out-dir", help="output folder instead of each LoRA's own folder; files are named by --name-pattern")

@@ -1,4 +1,5 @@
-"""Where module weights come from: a protocol, and its safetensors-file implementation.
+"""Where module weights come from: a protocol, its safetensors-file implementation, and
+:func:`open_weights`, which opens a base file of either kind (safetensors or GGUF).
 
 The engine reads one module weight at a time through :class:`WeightSource`, so two full models
 are never held in memory. ``content_key`` identifies a weight's bytes (dtype and shape included)
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import xxhash
@@ -17,6 +18,9 @@ from torch import Tensor
 
 from .errors import ProLoRAError
 from .safetensors_io import SafetensorsReader
+
+if TYPE_CHECKING:
+    from .gguf_weights import GGUFWeights
 
 
 class WeightSource(Protocol):
@@ -81,6 +85,11 @@ class SafetensorsWeights:
             self._memo_path = memo_dir / f"{xxhash.xxh3_128_hexdigest(ident.encode())}.json"
             self._memo = _read_memo(self._memo_path)
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The file's ``__metadata__`` strings."""
+        return self.reader.header.metadata
+
     def keys(self) -> list[str]:
         return self.reader.keys()
 
@@ -137,3 +146,15 @@ class SafetensorsWeights:
             self._memo_dirty = False
         except OSError:
             pass
+
+
+def open_weights(path: str | Path, memo_dir: Path | None = None) -> SafetensorsWeights | GGUFWeights:
+    """The base file at ``path`` as a :class:`WeightSource`, chosen by its extension: ``.gguf``
+    (ComfyUI-GGUF's convention, dequantized per tensor: :class:`~.gguf_weights.GGUFWeights`) or
+    safetensors (:class:`SafetensorsWeights`, which refuses pickles and mislabelled files clearly).
+    ``memo_dir`` remembers safetensors content keys between runs."""
+    if Path(path).suffix.lower() == ".gguf":
+        from .gguf_weights import GGUFWeights
+
+        return GGUFWeights(path, memo_dir)
+    return SafetensorsWeights(path, memo_dir)

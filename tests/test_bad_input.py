@@ -283,7 +283,8 @@ def _fp8_base(scale: torch.Tensor, reason: str) -> Build:
 def _gguf_base(name: str, reason: str) -> Build:
     def build(ctx: Ctx) -> tuple[list[str | Path], Expect]:
         path = ctx.inp / name
-        path.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+        # version 3, five tensors announced, no key-values, then the file ends: a damaged GGUF
+        path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (5).to_bytes(8, "little") + bytes(8))
         return ctx.transfer(source=path), Expect(path, None, reason)
 
     return build
@@ -391,7 +392,8 @@ CASES: list[tuple[str, Build]] = [
     ("inf-in-target-base", _bad_base("target", float("inf"), None, "base weight contains NaN or Inf values")),
     ("integer-base-weight", _bad_base("source", None, torch.int8, "integer bases are not supported")),
     ("fp8-base-with-a-scale-per-row", _fp8_base(torch.ones(24), r"fp8 scale of shape \[24\] .* only one scalar scale per weight is supported")),
-    ("gguf-base", _gguf_base("base.gguf", "GGUF files cannot be read here: only safetensors are")),
+    ("damaged-gguf-base", _gguf_base("base.gguf", r"not a readable GGUF file")),
+    ("gguf-lora", _raw_file("lora.gguf", b"GGUF\x03\x00\x00\x00" + bytes(64), "GGUF files cannot be read here: only safetensors are")),
     ("gguf-base-named-safetensors", _gguf_base("base.safetensors", "is a GGUF file, which cannot be read here")),
     ("dora-scale-of-another-shape", _tensors_case(_set(f"{Q}.dora_scale", torch.ones(5, 1)), f"{Q}.dora_scale",
                                                   r"DoRA magnitude of shape \[5, 1\] fits neither the rows nor the input channels of the weight \[24, 40\]")),
