@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from ..prolora_core.errors import ProLoRAError
 from ..prolora_core.modulation import modulation_line
 from ..prolora_core.projection import MODES
+from ..prolora_core.report import TransferResult, format_summary
 from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, TransferConfig, overall_norm_ratio
 from .bridge import UNET, build_handle
 from .matching import MatchHandle, all_weight_keys, parse_lora_model, project_lora_model, unused_lines
@@ -130,6 +131,9 @@ class ProjectLoRA(io.ComfyNode):
         lines = [f"ProLoRA {mode}: {sum(m.transferred for m in modules)}/{len(modules)} modules transferred; "
                  f"unmapped: {out.metadata.get('prolora.unmapped_modules')}",
                  f"overall norm ratio transferred/source: {ratio:.3f}" if ratio is not None else "nothing transferred"]
+        verdict = TransferResult(results[0].lora, {}, modules).summary() if results else None
+        if verdict is not None:  # the same groups as Match Modules and the files node (they add up to the modules placed)
+            lines += format_summary("modules placed on the source model", verdict, config.threshold)[1:]
         group = modulation_line((m.source_key or m.source, None if m.similarity_u is None else min(m.similarity_u, m.similarity_v or 0.0),
                                  m.transferred, not m.reason.startswith("target")) for m in modules)
         if group:
