@@ -26,7 +26,6 @@ from types import ModuleType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = Path(os.environ.get("PROLORA_COMFYUI_DIR", REPO_ROOT / ".comfyui")).absolute()
-ZOO_DIR = REPO_ROOT / "zoo"
 PACK_DIR_NAME = "comfyui-prolora"
 SETUP_HINT = (
     f"The ComfyUI host is not set up ({COMFYUI_DIR / 'main.py'} is missing). "
