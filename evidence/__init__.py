@@ -10,8 +10,8 @@ real ComfyUI) nothing is changed. Set ``PROLORA_COMFYUI_DIR`` to use a ComfyUI o
 """
 from __future__ import annotations
 
-from prolora_core.zoo import ZOO_DIR  # noqa: F401  (re-exported for the scripts)
-from prolora_dev.host import COMFYUI_DIR, REPO_ROOT, configure_host  # noqa: F401
+from prolora_core.zoo import ZOO_DIR  # re-exported: the evidence scripts' default zoo
+from prolora_dev.host import COMFYUI_DIR, REPO_ROOT, configure_host  # COMFYUI_DIR re-exported too
 
 EVIDENCE_DIR = REPO_ROOT / "evidence"
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from prolora_dev import tiny_models
-from prolora_dev.tiny_models import KEY_PREFIX, SD15_UNET_CONFIG, init_parameters_, load_tiny_model  # noqa: F401
+from prolora_dev.tiny_models import KEY_PREFIX, SD15_UNET_CONFIG, init_parameters_, load_tiny_model
 
 from . import configure_host
 

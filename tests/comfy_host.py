@@ -25,13 +25,30 @@ import pytest
 import torch
 
 from prolora_dev import host, server
-from prolora_dev.host import COMFYUI_DIR, PACK_DIR_NAME, REPO_ROOT, SETUP_HINT, comfy_module_name, load_pack  # noqa: F401
-from prolora_dev.server import (MODEL_SUBDIRS, ComfyServer, PromptFailed, PromptRejected, find_pack_import_line,  # noqa: F401
-                                free_loopback_port, pack_import_errors, prepare_base_dir)
-from prolora_dev.tiny_models import (CHROMA_UNET_CONFIG, FLUX_UNET_CONFIG, SD15_UNET_CONFIG, SDXL_ADM_IN_CHANNELS,  # noqa: F401
-                                     SDXL_POOLED_DIM, SDXL_UNET_CONFIG, init_parameters_, model_kind, unet_weights)
-from prolora_dev.tiny_models import load_tiny_model as load_model_state  # noqa: F401  (the pack's reader)
-from prolora_dev.tiny_models import save_tiny_model as save_model_state  # noqa: F401  (the one writer)
+from prolora_dev.host import COMFYUI_DIR, PACK_DIR_NAME, REPO_ROOT, SETUP_HINT, comfy_module_name, load_pack
+from prolora_dev.server import (
+    MODEL_SUBDIRS,
+    ComfyServer,
+    PromptFailed,
+    PromptRejected,
+    find_pack_import_line,
+    free_loopback_port,
+    pack_import_errors,
+    prepare_base_dir,
+)
+from prolora_dev.tiny_models import (
+    CHROMA_UNET_CONFIG,
+    FLUX_UNET_CONFIG,
+    SD15_UNET_CONFIG,
+    SDXL_ADM_IN_CHANNELS,
+    SDXL_POOLED_DIM,
+    SDXL_UNET_CONFIG,
+    init_parameters_,
+    model_kind,
+    unet_weights,
+)
+from prolora_dev.tiny_models import load_tiny_model as load_model_state
+from prolora_dev.tiny_models import save_tiny_model as save_model_state
 
 if TYPE_CHECKING:
     from comfy.model_patcher import ModelPatcher

@@ -60,17 +60,11 @@ COMFYUI_AVAILABLE = host.host_files_present()
 if COMFYUI_AVAILABLE:
     _configure_host()
 
-import comfy_host  # noqa: E402  (after the host set-up, as every test module)
+import comfy_host  # after the host set-up, as every test module
 
 if TYPE_CHECKING:
     from comfy.model_patcher import ModelPatcher
     from comfy.sd import CLIP
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Register the markers used by the ComfyUI-backed tests."""
-    config.addinivalue_line("markers", "comfy: needs the real ComfyUI host in .comfyui/ (scripts/setup.sh)")
-    config.addinivalue_line("markers", "server: starts a real ComfyUI server subprocess")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -146,8 +146,8 @@ def test_tiny_model_file_roundtrip_through_the_packs_reader(comfyui: Any, tmp_pa
 
 def test_pack_loads_under_its_own_name_next_to_comfyuis_nodes(comfyui: Any) -> None:
     import nodes
-
     import scripts.workflows
+
     from prolora_dev import host
 
     pack = host.load_pack()
