@@ -109,10 +109,12 @@ BLOCKS = {"flux-dev": (("double_blocks.", 19), ("single_blocks.", 38)), "wan-14b
 def refresh_layouts() -> dict[str, list[list]]:
     """Every ≥ 2-D ``.weight`` of each family with its shape, from ComfyUI's own classes built on the
     meta device (no memory, no weights), written to ``bench/layouts.json`` (so that a machine
-    without ComfyUI, e.g. the GPU one, runs from the file). Needs the ComfyUI host (``evidence``)."""
+    without ComfyUI, e.g. the GPU one, runs from the file). Needs the ComfyUI host (``prolora_dev.host``)."""
     import importlib
 
-    import evidence  # noqa: F401  (puts ComfyUI on sys.path in CPU mode)
+    from prolora_dev.host import configure_host
+
+    configure_host()  # ComfyUI first on sys.path, CPU mode
     import comfy.ops
 
     out = {}

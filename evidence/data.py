@@ -26,16 +26,15 @@ from a fixed seed (no CLIP); class ``NULL`` is the empty prompt used for CFG / c
 """
 from __future__ import annotations
 
-
 import torch
+
+from prolora_core.zoo import CLASSES, LATENT_SCALE  # the zoo's prompts and latent format, shared with the demo nodes
 
 SIZE = 8
 TOKENS = 4
 CONTEXT_DIM = 32
-CLASSES = ("disc", "square", "bar", "red ring")
 NULL = len(CLASSES)  # index of the empty prompt
 COND_SEED = 1234
-LATENT_SCALE = 0.18215  # comfy.latent_formats.SD15.scale_factor
 
 SRC_PALETTE = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.75, 0.2], [0.15, 0.25, 0.95], [0.95, 0.85, 0.1]])
 SHIFT_PALETTE = torch.tensor([[1.0, 0.55, 0.0], [0.0, 0.9, 0.9], [0.9, 0.1, 0.9], [0.95, 0.95, 0.95]])

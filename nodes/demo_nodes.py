@@ -5,30 +5,14 @@ The zoo's "latent" is the image itself (8×8 RGB as ``2·rgb − 1`` in channels
 ``zoo/README.md``; the decoder is therefore exact, not learned."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from comfy_api.latest import io
 from safetensors.torch import load_file
 
-from ..prolora_core.errors import ProLoRAError
+from ..prolora_core.zoo import CLASSES, LATENT_SCALE, LORAS, MODELS, zoo_file
 from .lora_nodes import load_lora_file
 from .tiny_model_node import load_tiny_model
 from .transfer_nodes import CATEGORY, PREFIX, LoraModelType
-
-ZOO = Path(__file__).resolve().parents[1] / "zoo"
-MODELS = {"source": "source", "descendant, gentle fine-tune": "descendant_a_near", "descendant A, strong fine-tune": "descendant_a",
-          "descendant B, pruned + distilled": "descendant_b", "unrelated C": "unrelated_c"}
-LORAS = ("style", "concept")
-CLASSES = ("disc", "square", "bar", "red ring")
-LATENT_SCALE = 0.18215  # SD1.5's latent format, which the zoo models use
-
-
-def zoo_file(name: str) -> Path:
-    path = ZOO / f"{name}.safetensors"
-    if not path.is_file():
-        raise ProLoRAError("demo zoo file is missing (rebuild it with `python -m evidence.build_zoo`)", file=path)
-    return path
 
 
 class DemoModels(io.ComfyNode):

@@ -20,11 +20,15 @@ from ..prolora_core.errors import ProLoRAError
 from ..prolora_core.safetensors_io import SafetensorsReader
 from .transfer_nodes import CATEGORY, PREFIX
 
-KINDS = {"SD15": comfy.supported_models.SD15, "SDXL": comfy.supported_models.SDXL}
+#: The ``comfy.supported_models`` classes a tiny model may name in ``prolora.model_kind``.
+KINDS = {name: getattr(comfy.supported_models, name) for name in ("SD15", "SDXL", "Flux", "Chroma")}
 
 
 def load_tiny_model(path: str | Path) -> Any:
-    """A ``MODEL`` (ModelPatcher) built from ``prolora.model_kind`` + ``prolora.unet_config`` metadata."""
+    """A ``MODEL`` (ModelPatcher) built from ``prolora.model_kind`` + ``prolora.unet_config`` metadata,
+    weights under ``prolora.key_prefix``: the one reader of the tiny-model format (the development
+    tools call it too; its writer is ``prolora_dev.tiny_models.save_tiny_model``). Raises
+    ProLoRAError naming the file when the metadata is missing or the weights do not fit it."""
     reader = SafetensorsReader(path)
     meta = reader.header.metadata
     if "prolora.unet_config" not in meta:

@@ -1,7 +1,8 @@
 """The one-command demo: a real headless ComfyUI with the pack runs example workflow (a) through
 the API and writes the comparison grid and the report picture to ``demo_output/``.
 
-Run through ``scripts/demo.sh`` (which sets everything up first)."""
+Run through ``scripts/demo.sh`` (which sets everything up first and runs ``python -m scripts.demo``
+from the repo root); the server harness is ``prolora_dev.server``, shared with the tests."""
 from __future__ import annotations
 
 import argparse
@@ -11,12 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.append(str(ROOT / "tests"))  # the server harness is shared with the tests
-sys.path.append(str(ROOT / "scripts"))
-
-import comfy_host  # noqa: E402
-import workflows  # noqa: E402
+from prolora_dev.host import REPO_ROOT as ROOT
+from prolora_dev.server import start_comfy_server
+from scripts import workflows
 
 
 def main() -> int:
@@ -29,7 +27,7 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="prolora-demo-"))
     print(f"[demo] starting ComfyUI (headless, CPU) with the pack; base directory {base}", flush=True)
     t0 = time.perf_counter()
-    server = comfy_host.start_comfy_server(base)
+    server = start_comfy_server(base)
     try:
         errors = server.pack_import_errors()
         if errors:

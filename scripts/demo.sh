@@ -4,4 +4,15 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
-exec "$ROOT/.venv/bin/python" "$ROOT/scripts/demo.py" "$@"
+# --out keeps working from any directory: a relative path is made absolute before the cd.
+args=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --out) [[ $# -ge 2 ]] || { echo "demo.sh: --out needs a folder" >&2; exit 2; }
+           args+=("--out" "$(realpath -m -- "$2")"); shift 2 ;;
+    --out=*) args+=("--out=$(realpath -m -- "${1#--out=}")"); shift ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+cd "$ROOT"  # run as a module from the repo root: prolora_dev and scripts import as packages
+exec "$ROOT/.venv/bin/python" -m scripts.demo "${args[@]}"

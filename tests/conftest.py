@@ -3,17 +3,16 @@
 Import order matters, so this file does its work at import time, before any test
 module is collected:
 
-* ``.comfyui/`` goes to ``sys.path[0]``: ComfyUI's top-level modules (``nodes``,
-  ``utils``, ``server``, ``app``, ``execution``, ``folder_paths``, ``comfy*``) must
-  win over same-named things, above all over our pack's own ``nodes/`` package.
-* The repo root is moved to the END of ``sys.path`` (``import prolora_core`` works,
-  ``import nodes`` still gets ComfyUI's), and ``tests/`` is appended so test modules
-  can ``from comfy_host import ...`` under ``--import-mode=importlib``.
+* ``pyproject.toml`` puts the repo root and ``tests/`` on ``sys.path`` (pytest's
+  ``pythonpath`` option), so ``prolora_dev``, ``prolora_core`` and the test helpers
+  (``comfy_host``, ``reference``, ...) import under ``--import-mode=importlib``.
+* ``prolora_dev.host.configure_host()`` then puts ``.comfyui/`` first on ``sys.path``
+  (ComfyUI's top-level ``nodes``, ``utils``, ``server``, ``comfy*`` must win over the
+  pack's own ``nodes/`` package), moves the repo root to the end, switches ComfyUI's
+  argument parsing off (``comfy.cli_args`` would parse pytest's argv) and sets
+  ``args.cpu`` before anything imports ``comfy.model_management``.
 * torch runs one intra-op thread (``PROLORA_TEST_THREADS`` overrides), in-process
   and in the server subprocess.
-* ComfyUI's argument parsing stays off (``comfy.options.args_parsing = False``, so
-  ``comfy.cli_args`` parses ``[]`` instead of pytest's argv) and ``args.cpu`` is set
-  before anything imports ``comfy.model_management``.
 
 When ``.comfyui/main.py`` is missing nothing ComfyUI-related is touched here; the
 fixtures below (and every helper in ``comfy_host``) then fail with a message that
@@ -30,17 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-COMFYUI_DIR = Path(__file__).parents[1] / ".comfyui"
-TESTS_DIR = Path(__file__).resolve().parent
+from prolora_dev import host
+
+REPO_ROOT = host.REPO_ROOT
 
 
 def _configure_host() -> None:
-    """ComfyUI first and the repo root last on ``sys.path``, CPU mode, no argv parsing: the same
-    set-up the evidence scripts use (``evidence.configure_host``, run when ``evidence`` is imported)."""
+    """ComfyUI first and the repo root last on ``sys.path``, CPU mode, no argv parsing
+    (``prolora_dev.host.configure_host``, the same set-up the evidence scripts and the demo use)."""
     if "comfy.model_management" in sys.modules:
         raise RuntimeError("comfy.model_management was imported before tests/conftest.py could set args.cpu")
-    import evidence  # noqa: F401  (its import configures the host)
+    host.configure_host()
 
 
 def _configure_torch_threads() -> None:
@@ -56,24 +55,16 @@ def _configure_torch_threads() -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by subprocesses (the ComfyUI server)
 
 
-sys.path.append(str(REPO_ROOT))  # prolora_core, evidence (configure_host moves it to the end)
-sys.path.append(str(TESTS_DIR))  # comfy_host, reference, fixtures_files (--import-mode=importlib)
 _configure_torch_threads()
-COMFYUI_AVAILABLE = (COMFYUI_DIR / "main.py").is_file()
+COMFYUI_AVAILABLE = host.host_files_present()
 if COMFYUI_AVAILABLE:
     _configure_host()
 
-import comfy_host  # noqa: E402  (needs the sys.path set-up above)
+import comfy_host  # after the host set-up, as every test module
 
 if TYPE_CHECKING:
     from comfy.model_patcher import ModelPatcher
     from comfy.sd import CLIP
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Register the markers used by the ComfyUI-backed tests."""
-    config.addinivalue_line("markers", "comfy: needs the real ComfyUI host in .comfyui/ (scripts/setup.sh)")
-    config.addinivalue_line("markers", "server: starts a real ComfyUI server subprocess")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -16,9 +15,7 @@ from safetensors.torch import save_file
 
 import comfy_host
 from browser_host import drive
-
-sys.path.append(str(comfy_host.REPO_ROOT / "scripts"))
-import workflows  # noqa: E402
+from scripts import workflows
 
 pytestmark = pytest.mark.server
 EXAMPLES = comfy_host.REPO_ROOT / "example_workflows"

@@ -1,12 +1,14 @@
-"""Smoke tests for the ComfyUI test harness (tests/conftest.py, tests/comfy_host.py).
+"""Smoke tests for the development harness (``prolora_dev``, tests/conftest.py, tests/comfy_host.py).
 
 They prove the harness drives the REAL host: in-process sampling with tiny SD1.5/SDXL
-UNets, ComfyUI's own LoRA key mapping and patching, a tiny CLIP, and a real server
-subprocess with our pack in its custom_nodes/.
+UNets, ComfyUI's own LoRA key mapping and patching, a tiny CLIP, the tiny-model file
+format (one writer, the pack's reader), the pack imported under its own name next to
+ComfyUI's ``nodes``, and a real server subprocess with our pack in its custom_nodes/.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -115,16 +117,78 @@ def test_tiny_clip_encodes_and_conditions_the_tiny_sd15(comfyui: Any) -> None:
     assert key_map["text_encoder.text_model.encoder.layers.0.self_attn.q_proj"] == q0
 
 
-def test_save_and_load_model_state_roundtrip(comfyui: Any, tmp_path: Path) -> None:
+def test_tiny_model_file_roundtrip_through_the_packs_reader(comfyui: Any, tmp_path: Path) -> None:
     import safetensors
 
+    from prolora_dev import tiny_models
+
     model = comfy_host.tiny_sdxl_model(5)
-    path = comfy_host.save_model_state(model, tmp_path / "tiny_sdxl.safetensors")
+    path = tiny_models.save_tiny_model(model, tmp_path / "tiny_sdxl.safetensors")
     with safetensors.safe_open(str(path), framework="pt") as f:
         assert all(k.startswith("model.diffusion_model.") for k in f.keys())
-    rebuilt = comfy_host.load_model_state(path)
+        assert f.metadata()["prolora.model_kind"] == "SDXL"
+    rebuilt = tiny_models.load_tiny_model(path)
     assert rebuilt.model.model_config.unet_config == model.model.model_config.unet_config
     torch.testing.assert_close(comfy_host.unet_weights(rebuilt), comfy_host.unet_weights(model), rtol=0, atol=0)
+
+    # a bare diffusion-model file in float16 (the zoo's dtype) reads back as the rounded weights
+    half = tiny_models.save_tiny_model(model, tmp_path / "bare.safetensors", prefix="", dtype=torch.float16, extra_meta={"x": "1"})
+    got, want = comfy_host.unet_weights(tiny_models.load_tiny_model(half)), comfy_host.unet_weights(model)
+    assert all(torch.equal(got[k], want[k].half().float()) for k in want)
+
+    # the reader is the pack's own (what Load Tiny Model runs): a file without the metadata is its ProLoRAError
+    plain = tmp_path / "plain.safetensors"
+    safetensors.torch.save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 32, 3, 3)}, str(plain))
+    with pytest.raises(Exception, match="not a ProLoRA tiny model") as err:
+        tiny_models.load_tiny_model(plain)
+    assert type(err.value).__name__ == "ProLoRAError" and str(plain) in str(err.value)
+
+
+def test_pack_loads_under_its_own_name_next_to_comfyuis_nodes(comfyui: Any) -> None:
+    import nodes
+    import scripts.workflows
+
+    from prolora_dev import host
+
+    pack = host.load_pack()
+    assert pack.__name__ == host.comfy_module_name(host.REPO_ROOT)
+    tiny = host.pack_module("nodes.tiny_model_node")
+    assert tiny.__name__ == f"{pack.__name__}.nodes.tiny_model_node"
+    assert Path(tiny.__file__).resolve() == host.REPO_ROOT / "nodes" / "tiny_model_node.py"
+    assert nodes is comfyui and Path(nodes.__file__).resolve().parent == host.COMFYUI_DIR.resolve()  # ComfyUI's nodes.py
+    assert Path(scripts.workflows.__file__).resolve() == host.REPO_ROOT / "scripts" / "workflows.py"
+
+
+def test_no_sys_path_rewriting_outside_the_host_set_up() -> None:
+    """Tests, evidence, scripts and benchmarks import each other as packages from the repo root;
+    only ``prolora_dev/host.py`` orders ``sys.path`` (ComfyUI first, documented there)."""
+    rewrite = re.compile(r"sys\.path\s*(\.(append|insert|extend|remove)\s*\(|\[[^\]]*\]\s*=|\s*[+]?=)")
+    offenders = []
+    for folder in ("tests", "evidence", "scripts", "bench", "prolora_dev", "nodes", "prolora_core"):
+        for path in sorted((comfy_host.REPO_ROOT / folder).rglob("*.py")):
+            if "node_modules" in path.parts or path == comfy_host.REPO_ROOT / "prolora_dev" / "host.py":
+                continue
+            offenders += [f"{path.relative_to(comfy_host.REPO_ROOT)}:{i}" for i, line in enumerate(path.read_text().splitlines(), 1)
+                          if rewrite.search(line) and not line.lstrip().startswith("#")]
+    assert offenders == []
+    assert rewrite.search((comfy_host.REPO_ROOT / "prolora_dev" / "host.py").read_text())  # the one place (the pattern matches it)
+
+
+def test_zoo_conventions_match_the_shipped_zoo() -> None:
+    """The pack's demo nodes and the evidence study share ``prolora_core.zoo``; the shipped
+    conditioning file was written with those prompts, in that order."""
+    import safetensors
+
+    from prolora_core import zoo
+
+    with safetensors.safe_open(str(zoo.zoo_file("conditioning")), framework="pt") as f:
+        assert json.loads(f.metadata()["classes"]) == [*zoo.CLASSES, "<empty prompt>"]
+        assert f.get_slice("context").get_shape()[0] == len(zoo.CLASSES) + 1
+    for name in zoo.MODELS.values():
+        with safetensors.safe_open(str(zoo.zoo_file(name)), framework="pt") as f:
+            assert f.metadata()["prolora.model_kind"] == "SD15", name
+    for lora in zoo.LORAS:
+        assert zoo.zoo_file(f"lora_{lora}_source").is_file()
 
 
 def test_load_pack_imports_a_package_like_comfyui(tmp_path: Path) -> None:
