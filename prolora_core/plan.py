@@ -4,10 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .adapters import FullDiff, Module, dora_on_output_axis
+from .adapters import Module, dora_on_output_axis
 from .errors import ProLoRAError
 from .lora import LoraFile
-from .linalg import matrix_shape
 from .names import BaseIndex
 from .weights import WeightSource
 
@@ -43,7 +42,7 @@ def check_fits(lora: LoraFile, mod: Module, weight_shape: tuple[int, ...], base_
         raise ProLoRAError(f"a weight update on the 1-D weight {list(shape)} of {base_label}", file=where, key=u.key)
     # A LoRA's factors may be 2-D on a conv weight or 4-D on a linear one: ComfyUI multiplies the
     # flattened factors and reshapes the product to the weight, so only the matrix shapes must agree.
-    if u is not None and (u.matrix_shape != matrix_shape(shape) or isinstance(u, FullDiff) and tuple(u.diff.shape) != shape):
+    if u is not None and not u.fits(shape):
         raise ProLoRAError(
             f"LoRA update is {u.matrix_shape[0]}×{u.matrix_shape[1]} but the weight in {base_label} is {list(shape)}: "
             "this looks like a LoRA for another base model", file=where, key=u.key)
