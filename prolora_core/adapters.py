@@ -129,6 +129,12 @@ class Adapter(ABC):
         (factors are flattened and the product reshaped to the weight)."""
         return self.matrix_shape == weight_matrix_shape(weight_shape)
 
+    def row_blocks(self) -> list[tuple[int, int, Adapter]] | None:
+        """``(row_start, rows, block)`` when the update is block-diagonal over row blocks of its
+        weight and each block is projected on its own rows (:mod:`.adapter_types.block_diagonal`);
+        ``None`` (default): projected whole."""
+        return None
+
     # -- projection and writing -----------------------------------------------------------------
     def output_layout(self, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape output factors are written in (default: the base weight's)."""

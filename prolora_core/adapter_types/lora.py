@@ -145,6 +145,13 @@ class LoraModule(Adapter):
     def norm(self) -> float:
         return self.factors().frobenius_norm()
 
+    def row_blocks(self) -> list[tuple[int, int, Adapter]] | None:
+        """A block-diagonal ``up`` (kohya ``split_qkv``): its blocks (:mod:`.block_diagonal`)."""
+        from .block_diagonal import LoraBlock  # the block type builds on this one
+
+        blocks = LoraBlock.split(self)
+        return None if blocks is None else [(b.row_start, int(b.up.shape[0]), b) for b in blocks]
+
     def output_layout(self, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
         """Factors are written in the input's own layout (2-D or 4-D, as it came)."""
         return self.layout
