@@ -133,12 +133,13 @@ def test_cli_keeps_the_blocks_on_plain_files(tmp_path: Path, capsys: pytest.Capt
     assert rc == 0, err
     out = load_file(str(paths[3]))
     rows_reported = [m for m in read_report(tmp_path / "report.json")["modules"] if m["source"] == "blocks.0.linear1"]
-    assert sorted(m["source_key"] for m in rows_reported) == [f"blocks.0.linear1.weight[0:{a}:{b}]" for a, b in ((0, 16), (16, 16), (32, 16), (48, 40))], \
-        "one report row per block, each on its rows"
+    want_keys = [f"blocks.0.linear1.weight[0:{a}:{b}]" for a, b in ((0, 16), (16, 16), (32, 16), (48, 40))]
+    assert sorted(m["source_key"] for m in rows_reported) == want_keys, "one report row per block, each on its rows"
     for name, s in sizes.items():
         up, down, alpha = out[f"{name}.lora_up.weight"], out[f"{name}.lora_down.weight"], float(out[f"{name}.alpha"])
         assert_block_diagonal(up, s)
         got = alpha / down.shape[0] * (up.double() @ down.double()).numpy()
         for rows, delta in blocks[name]:
-            expected = reference_transfer(delta, ws[f"{name}.weight"][rows].astype(np.float64), wt[f"{name}.weight"][rows].astype(np.float64), 4, "prolora")
+            w_s, w_t = (w[f"{name}.weight"][rows].astype(np.float64) for w in (ws, wt))
+            expected = reference_transfer(delta, w_s, w_t, 4, "prolora")
             assert np.linalg.norm(got[rows] - expected) <= 1e-5 * np.linalg.norm(expected), (name, rows)
