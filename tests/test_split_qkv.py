@@ -143,3 +143,26 @@ def test_cli_keeps_the_blocks_on_plain_files(tmp_path: Path, capsys: pytest.Capt
             w_s, w_t = (w[f"{name}.weight"][rows].astype(np.float64) for w in (ws, wt))
             expected = reference_transfer(delta, w_s, w_t, 4, "prolora")
             assert np.linalg.norm(got[rows] - expected) <= 1e-5 * np.linalg.norm(expected), (name, rows)
+
+
+def test_casa_at_target_equal_to_source_gives_each_block_back(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Mode casa reads each block's rows of the source and target weights: at target = source it
+    leaves ``ΔW`` as it is (tests/test_casa.py), so each block comes back at its own rank, and the
+    output stays block-diagonal."""
+    rng = np.random.default_rng(1)
+    sizes = {"blocks.0.linear1": [16, 16, 16, 40]}
+    ws = {f"{m}.weight": decaying_weight(rng, (sum(s), 16)) for m, s in sizes.items()}
+    base, lora_path, out_path = tmp_path / "base.safetensors", tmp_path / "lora.safetensors", tmp_path / "out.safetensors"
+    save_file({k: torch.from_numpy(v) for k, v in ws.items()}, str(base))
+    lora, blocks = make_split(sizes, 16, seed=5)
+    save_file(lora, str(lora_path))
+    rc, _, err = run_main(["transfer", "--source-base", base, "--target-base", base, "--lora", lora_path, "--out", out_path,
+                           "--no-cache", "--device", "cpu", "--mode", "casa"], capsys)
+    assert rc == 0, err
+    out = load_file(str(out_path))
+    up, down, alpha = out["blocks.0.linear1.lora_up.weight"], out["blocks.0.linear1.lora_down.weight"], float(out["blocks.0.linear1.alpha"])
+    assert_block_diagonal(up, sizes["blocks.0.linear1"])
+    assert up.shape[1] == R * 4, "each block at its own rank"
+    got = alpha / down.shape[0] * (up.double() @ down.double()).numpy()
+    for rows, delta in blocks["blocks.0.linear1"]:
+        assert np.linalg.norm(got[rows] - delta) <= 1e-5 * np.linalg.norm(delta), rows
