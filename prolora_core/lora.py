@@ -181,7 +181,8 @@ def _build(name: str, parts: dict[str, str], state: dict[str, Tensor], where: st
     if len(present) > 1:
         raise ProLoRAError(f"one module mixes adapter types ({', '.join(present)})", file=where, key=list(present.values())[1][1])
     update: Adapter | None = None
-    for label, (fmt, _) in present.items():
+    if present:
+        label, (fmt, _) = next(iter(present.items()))
         update = fmt.parse(name, label, parts, state, alpha, where)
     carried = {s: state[parts[s]] for s in CARRIED_SUFFIXES if s in parts}
     if diff is not None and diff.ndim < 2:
