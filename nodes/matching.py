@@ -26,6 +26,7 @@ from ..prolora_core.transfer import (
     TransferResult,
     check_fits,
     match_modules,
+    split_blocks,
     project_loras,
 )
 from .blocks import with_blocks
@@ -205,6 +206,7 @@ def plan_lora(lora: LoraFile, handle: BasisHandle) -> tuple[dict[str, list[Plann
         part, key = loc
         check_fits(lora, mod, handle.parts[part].shape(key), handle.label)
         plans.setdefault(part, []).append(Planned(0, mod, key))
+    plans = {part: split_blocks(plan) for part, plan in plans.items()}  # kohya split_qkv: each block on its rows
     if not plans:
         shown = ", ".join(sorted(lora.modules)[:3])
         raise ProLoRAError(f"none of the LoRA's {len(lora.modules)} modules maps onto the source model ({handle.label}); "

@@ -1,230 +1,179 @@
-"""Adapter types: what one module's update is, how its dense ``ΔW`` is formed, and how a projected
-update is turned back into something ComfyUI loads. Semantics exactly as ComfyUI's
-``comfy.weight_adapter`` and ``comfy.lora.load_lora``:
+"""The adapter interface: what one module's update is, how it is read from a LoRA file, its dense
+``ΔW`` or factors, how it is projected, and how the projection is written back. One format per
+file in :mod:`.adapter_types` (LoRA/LoCon, LoHa, LoKr, full diff), each a subclass of
+:class:`Adapter` registered with :func:`register`; :data:`ADAPTERS` lists them in the order
+ComfyUI 0.3.75's ``comfy.weight_adapter.adapters`` tries them (``load_lora``). Semantics exactly as
+ComfyUI's adapters; each file's docstring gives its ``ΔW``.
 
-* LoRA / LoCon (:class:`LoraModule`): ``ΔW = alpha/r · up @ down``, r = rows of ``down``. A Tucker
-  core ``lora_mid`` (``[r, r, kh, kw]``) is folded into ``down`` when the file is read
-  (:func:`fold_tucker`), leaving a plain LoCon module. Projected in factored form.
-* LoHa (:class:`LoHa`): ``ΔW = alpha/r · (w1_a @ w1_b) ⊙ (w2_a @ w2_b)``, r = rows of ``hada_w1_b``.
-  With Tucker cores ``hada_t1``/``hada_t2`` (``[r, r, kh, kw]``; then ``w_a`` is ``[r, out]`` and
-  ``w_b`` is ``[r, in]``) each factor is ``einsum('ijkl,jr,ip->prkl', t, w_b, w_a)`` (conv).
-* LoKr (:class:`LoKr`): ``ΔW = s · w1 ⊗ w2``, each side stored whole or as ``a @ b``;
-  ``s = alpha / dim`` with dim the rows of ``lokr_w2_b`` (else of ``lokr_w1_b``), and 1 when
-  both sides are whole or there is no alpha. A 4-D ``w2`` makes a conv update. (A Tucker core
-  ``lokr_t2`` is not an update ComfyUI 0.3.75 applies: see :mod:`.lora`.)
-* Full difference (:class:`FullDiff`): ``ΔW = diff`` (a 2-D or 4-D ``.diff``).
+The projection does not commute with ``⊙`` or ``⊗``: updates without a factored form (LoHa, LoKr,
+diff) are projected as their dense ``ΔW`` (float32, :func:`.projection.project_dense`); LoRA
+factors in factored form (:func:`.projection.project`). A projected dense update is re-factored
+into a LoRA (:func:`refactor`) unless its format stays dense (a diff stays a diff). DoRA's
+magnitude follows the ratio rule (:func:`dora_magnitude`); 1-D parts are carried (:class:`Module`).
 
-The projection does not commute with ``⊙`` or ``⊗``: LoHa, LoKr and diff modules are projected as
-their dense ``ΔW`` (float32). A projected LoHa/LoKr is re-factored into a LoRA (:func:`refactor`),
-a projected diff stays a diff. DoRA's magnitude vector follows the ratio rule
-(:func:`dora_magnitude`).
+Adding a format: a file in ``adapter_types/`` with an :class:`Adapter` subclass decorated with
+:func:`register` (``SPELLINGS`` it reads, ``parse``, ``rank``, ``matrix_shape``, ``dense``,
+``tensors``; override ``project``/``from_dense``/``copied`` when it has a factored form or writes
+back in a form of its own), and its import in ``adapter_types/__init__.py`` at ComfyUI's place.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Mapping, TypeVar
 
 import torch
 from torch import Tensor
 
-from .linalg import linalg_device
-from .projection import Factors
+from .linalg import linalg_device, matrix_shape as weight_matrix_shape
+from .projection import Factors, Mode, project_dense
+
+if TYPE_CHECKING:
+    from .basis import Basis
 
 #: The energy (Σσ²) a re-factored LoHa/LoKr keeps when no output rank is given, and the rank cap.
 ENERGY_KEPT = 0.999
 MAX_REFACTOR_RANK = 64
+#: Why a key is not used, when its name ends in no suffix ComfyUI's loader reads.
+NOT_READ = "not a part ComfyUI's LoRA loader reads (ComfyUI would log 'lora key not loaded' and skip it)"
 
 
 @dataclass(frozen=True)
-class LoraModule:
-    """A LoRA/LoCon update: ``ΔW = (alpha / r) · up @ down`` in the module's own shape.
+class Projected:
+    """A module's update after projection, ready to write: LoRA ``factors`` written in ``layout``
+    (the update's own shape or the base weight's; conv 4-D), or a dense ``diff`` (the weight's
+    shape, float32, CPU). ``norm``: ``‖ΔW‖_F`` of what is written. ``energy``: ``(kept, total)``
+    Σσ² when a dense update was re-factored (``energy_kept`` = kept share, in [0, 1])."""
 
-    ``up`` is ``[m, r]`` or ``[out, r, 1, 1]``; ``down`` is ``[r, n]`` or ``[r, in, kh, kw]``.
+    norm: float
+    factors: Factors | None = None
+    layout: tuple[int, ...] = ()
+    diff: Tensor | None = None
+    energy: tuple[float, float] | None = None
+    energy_kept: float | None = None
+
+
+class Adapter(ABC):
+    """One module's matrix update in one adapter format.
+
+    Every format has ``kind`` (its name in reports), ``key`` (one of its keys, for messages),
+    ``alpha``, ``rank``, ``matrix_shape`` (``(m, n)``, conv as ``out × in·kh·kw``) and ``dense()``
+    (float32 ``m × n``, scale included). Reading: ``SPELLINGS`` (label, suffixes) in ComfyUI's order,
+    :meth:`claims`, :meth:`set_aside`, :meth:`parse`. Projection: :meth:`project` (default: the dense
+    path) and :meth:`from_dense`; writing: :meth:`copied` (copy mode) and the layout of factors.
     """
 
-    kind: ClassVar[str] = "lora"
-    name: str
-    up: Tensor
-    down: Tensor
+    kind: ClassVar[str]
+    #: (label, suffixes) per spelling of the format, in ComfyUI's order; the label names it in messages.
+    SPELLINGS: ClassVar[tuple[tuple[str, tuple[str, ...]], ...]]
+    #: Every suffix the format reads (spellings and cores), and the suffixes it writes.
+    READS: ClassVar[tuple[str, ...]]
+    WRITES: ClassVar[tuple[str, ...]]
+    key: str
     alpha: float | None
-    up_key: str
-    down_key: str
+
+    # -- reading --------------------------------------------------------------------------------
+    @classmethod
+    def claims(cls, parts: Mapping[str, str], state: Mapping[str, Tensor]) -> dict[str, str]:
+        """The spellings of this format among a module's ``parts`` (suffix → key): label → first key."""
+        return {label: next(parts[s] for s in suffixes if s in parts)
+                for label, suffixes in cls.SPELLINGS if any(s in parts for s in suffixes)}
+
+    @classmethod
+    def set_aside(cls, parts: dict[str, str], where: str) -> dict[str, str]:
+        """Before a module is built: remove from ``parts`` the keys ComfyUI does not use (key →
+        reason; all of them when ComfyUI applies nothing of the module), or refuse parts that cannot
+        stand (:class:`~.errors.ProLoRAError`). Default: nothing."""
+        return {}
+
+    @classmethod
+    @abstractmethod
+    def parse(cls, name: str, label: str, parts: Mapping[str, str], state: Mapping[str, Tensor], alpha: float | None,
+              where: str) -> Adapter:
+        """The update of module ``name`` in spelling ``label``, validated (shapes fit; else
+        :class:`~.errors.ProLoRAError` naming ``where`` and the key)."""
+
+    # -- what it is -----------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def rank(self) -> int: ...
 
     @property
-    def key(self) -> str:
-        return self.up_key
+    @abstractmethod
+    def matrix_shape(self) -> tuple[int, int]: ...
 
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
+    @abstractmethod
+    def dense(self) -> Tensor:
+        """``ΔW`` as a float32 ``m × n`` matrix, scale included."""
 
-    @property
-    def scale(self) -> float:
-        return 1.0 if self.alpha is None else self.alpha / self.rank
+    @abstractmethod
+    def tensors(self) -> list[Tensor]:
+        """The stored tensors (for the file's dtype)."""
 
     @property
     def is_conv(self) -> bool:
-        return self.down.ndim == 4
+        """The update's own shape is 4-D (a conv update)."""
+        return any(t.ndim == 4 for t in self.tensors())
 
     @property
-    def layout(self) -> tuple[int, ...]:
-        """The update's own shape: ``(out, in, kh, kw)`` for conv, ``(m, n)`` for linear."""
-        return (int(self.up.shape[0]), *(int(d) for d in self.down.shape[1:]))
-
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        """``(m, n)`` of the update as a matrix."""
-        n = 1
-        for d in self.down.shape[1:]:
-            n *= int(d)
-        return int(self.up.shape[0]), n
-
-    def factors(self, dtype: torch.dtype = torch.float32) -> Factors:
-        """The 2-D factors in ``dtype`` (float32 or better for the math)."""
-        return Factors(self.up.reshape(self.up.shape[0], -1).to(dtype), self.down.reshape(self.rank, -1).to(dtype), self.scale)
-
-    def dense(self) -> Tensor:
-        return self.factors().dense()
-
-
-def fold_tucker(down: Tensor, mid: Tensor) -> Tensor:
-    """``down'[o, i, h, w] = Σ_j down[j, i] · mid[o, j, h, w]``: a LoCon Tucker core folded into
-    ``down`` (``[r, in, 1, 1]`` and ``[r, r, kh, kw]`` → ``[r, in, kh, kw]``), as ComfyUI's
-    LoRAAdapter computes it (in float32; the result keeps ``down``'s dtype)."""
-    folded = torch.einsum("ji,ojhw->oihw", down.reshape(down.shape[0], -1).float(), mid.float())
-    return folded.to(down.dtype)
-
-
-def tucker_factor(t: Tensor, b: Tensor, a: Tensor) -> Tensor:
-    """``einsum('ijkl,jr,ip->prkl', t, b, a)`` in float32: a LyCORIS Tucker core ``t``
-    ``[r, r, kh, kw]`` with ``b`` ``[r, in]`` and ``a`` ``[r, out]`` → ``[out, in, kh, kw]``, as
-    ComfyUI's LoHa adapter forms it."""
-    return torch.einsum("ijkl,jr,ip->prkl", t.float(), b.float(), a.float())
-
-
-@dataclass(frozen=True)
-class LoHa:
-    """A LoHa update. ``parts`` holds the stored tensors by suffix (``.hada_w1_a`` …), 2-D each,
-    plus the Tucker cores ``.hada_t1``/``.hada_t2`` when the file has them."""
-
-    kind: ClassVar[str] = "loha"
-    SUFFIXES: ClassVar[tuple[str, ...]] = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b")
-    TUCKER: ClassVar[tuple[str, ...]] = (".hada_t1", ".hada_t2")
-    parts: dict[str, Tensor]
-    alpha: float | None
-    key: str
-
-    @property
-    def tucker(self) -> bool:
-        return ".hada_t1" in self.parts
-
-    @property
-    def rank(self) -> int:
-        return int(self.parts[".hada_w1_b"].shape[0])
-
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        a, b = self.parts[".hada_w1_a"], self.parts[".hada_w1_b"]
-        if self.tucker:
-            t = self.parts[".hada_t1"]
-            return int(a.shape[1]), int(b.shape[1]) * int(t.shape[2]) * int(t.shape[3])
-        return int(a.shape[0]), int(b.shape[1])
-
-    def dense(self) -> Tensor:
-        p = {s: t.float() for s, t in self.parts.items()}
-        scale = 1.0 if self.alpha is None else self.alpha / self.rank
-        if self.tucker:
-            m1 = tucker_factor(p[".hada_t1"], p[".hada_w1_b"], p[".hada_w1_a"])
-            m2 = tucker_factor(p[".hada_t2"], p[".hada_w2_b"], p[".hada_w2_a"])
-            return (m1 * m2).reshape(m1.shape[0], -1) * scale
-        return (p[".hada_w1_a"] @ p[".hada_w1_b"]) * (p[".hada_w2_a"] @ p[".hada_w2_b"]) * scale
-
-
-@dataclass(frozen=True)
-class LoKr:
-    """A LoKr update. ``parts`` holds ``.lokr_w1`` or ``.lokr_w1_a``/``_b``, and ``.lokr_w2`` or
-    ``.lokr_w2_a``/``_b``."""
-
-    kind: ClassVar[str] = "lokr"
-    parts: dict[str, Tensor]
-    alpha: float | None
-    key: str
-
-    def side(self, i: int) -> Tensor:
-        """``w1`` or ``w2`` (float32), formed from its factors when stored factored."""
-        whole = self.parts.get(f".lokr_w{i}")
-        if whole is not None:
-            return whole.float()
-        return self.parts[f".lokr_w{i}_a"].float() @ self.parts[f".lokr_w{i}_b"].float()
-
-    @property
-    def dim(self) -> int | None:
-        """ComfyUI's ``dim``: rows of ``w2_b`` when w2 is factored, else of ``w1_b``, else none."""
-        for s in (".lokr_w2_b", ".lokr_w1_b"):
-            if s in self.parts:
-                return int(self.parts[s].shape[0])
+    def default_rank(self) -> int | None:
+        """The output rank when none is asked for: ``None`` = :func:`refactor`'s energy rule."""
         return None
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.dim if self.alpha is not None and self.dim is not None else 1.0
+    def norm(self) -> float:
+        """``‖ΔW‖_F`` (float64)."""
+        return float(self.dense().double().norm())
 
-    @property
-    def rank(self) -> int:
-        return self.dim or min(self.matrix_shape)
+    def fits(self, weight_shape: tuple[int, ...]) -> bool:
+        """ComfyUI applies the update to a weight of this shape: ``m × n`` equals ``out × in·kh·kw``
+        (factors are flattened and the product reshaped to the weight)."""
+        return self.matrix_shape == weight_matrix_shape(weight_shape)
 
-    def _shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        def shape(i: int) -> tuple[int, ...]:
-            w = self.parts.get(f".lokr_w{i}")
-            if w is not None:
-                return tuple(w.shape)
-            return int(self.parts[f".lokr_w{i}_a"].shape[0]), int(self.parts[f".lokr_w{i}_b"].shape[1])
+    def row_blocks(self) -> list[tuple[int, int, Adapter]] | None:
+        """``(row_start, rows, block)`` when the update is block-diagonal over row blocks of its
+        weight and each block is projected on its own rows (:mod:`.adapter_types.block_diagonal`);
+        ``None`` (default): projected whole."""
+        return None
 
-        return shape(1), shape(2)
+    # -- projection and writing -----------------------------------------------------------------
+    def output_layout(self, weight_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape output factors are written in (default: the base weight's)."""
+        return tuple(weight_shape)
 
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        (o1, i1), s2 = self._shapes()
-        n2 = 1
-        for d in s2[1:]:
-            n2 *= int(d)
-        return o1 * int(s2[0]), i1 * n2
+    def project(self, source: Basis | None, target: Basis | None, mode: Mode, out_rank: int | None) -> Projected:
+        """Eq. 3 and its variants on ``ΔW`` (dense path, :func:`.projection.project_dense`), written
+        back by :meth:`from_dense`. Bases are ``None`` only in ``copy`` mode."""
+        delta = project_dense(self.dense(), source, target, mode)  # type: ignore[arg-type]
+        norm = float(delta.double().norm())
+        return self.from_dense(delta, tuple(target.shape), out_rank, norm**2)  # type: ignore[union-attr]
 
-    def dense(self) -> Tensor:
-        w1, w2 = self.side(1), self.side(2)
-        if w2.ndim == 4:
-            w1 = w1[:, :, None, None]
-        m, _ = self.matrix_shape
-        return torch.kron(w1, w2).reshape(m, -1) * self.scale
+    def from_dense(self, delta: Tensor, weight_shape: tuple[int, ...], rank: int | None, total: float,
+                   refactored: Refactored | None = None) -> Projected:
+        """A dense projected ``m × n`` update (``total`` = its Σσ²) in this format's output: LoRA
+        factors of rank ``rank`` (:func:`refactor`, or ``refactored`` when already done)."""
+        rf = refactored if refactored is not None else refactor(delta, rank)
+        return Projected(rf.factors.frobenius_norm(), rf.factors, self.output_layout(weight_shape), None,
+                         (rf.energy_kept * total, total), rf.energy_kept)
 
-
-@dataclass(frozen=True)
-class FullDiff:
-    """A full weight difference ``.diff`` (2-D or 4-D), added as is."""
-
-    kind: ClassVar[str] = "diff"
-    diff: Tensor
-    key: str
-    alpha: float | None = None
-
-    @property
-    def matrix_shape(self) -> tuple[int, int]:
-        n = 1
-        for d in self.diff.shape[1:]:
-            n *= int(d)
-        return int(self.diff.shape[0]), n
-
-    @property
-    def rank(self) -> int:
-        return min(self.matrix_shape)
-
-    def dense(self) -> Tensor:
-        return self.diff.reshape(self.diff.shape[0], -1).float()
+    def copied(self) -> dict[str, Tensor] | None:
+        """``copy`` mode: the tensors written back exactly as they came, by suffix (alpha and DoRA
+        are added by the caller); ``None`` when the update is written as its factors instead."""
+        return None
 
 
-#: A module's matrix update, whatever the adapter type: each has ``kind``, ``key`` (one of its keys,
-#: for messages), ``alpha``, ``matrix_shape``, ``rank`` and ``dense()`` (float32 ``m × n``, scale included).
-Update = LoraModule | LoHa | LoKr | FullDiff
+A = TypeVar("A", bound=type[Adapter])
+#: The registered formats, in the order ComfyUI tries them.
+ADAPTERS: list[type[Adapter]] = []
+
+
+def register(cls: A) -> A:
+    """Class decorator: add a format to :data:`ADAPTERS` (import order = ComfyUI's order)."""
+    ADAPTERS.append(cls)
+    return cls
+
+
+#: A module's matrix update, whatever the format.
+Update = Adapter
 
 
 @dataclass(frozen=True)
@@ -252,11 +201,7 @@ class Module:
 
     def source_norm(self) -> float:
         """``‖ΔW‖_F`` of the update (0 without one)."""
-        if self.update is None:
-            return 0.0
-        if isinstance(self.update, LoraModule):
-            return self.update.factors().frobenius_norm()
-        return float(self.update.dense().double().norm())
+        return 0.0 if self.update is None else self.update.norm()
 
 
 @dataclass(frozen=True)

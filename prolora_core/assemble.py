@@ -1,12 +1,14 @@
 """Project (the paper's third step) and assemble: every planned LoRA module projected on its match,
 then the output tensors of each LoRA written in the input's layout.
 
-Per adapter type (see :mod:`.adapters`): LoRA/LoCon factors are projected in factored form; LoHa
-and LoKr as their dense ``ΔW``, re-factored into a LoRA; a 2-D/4-D ``.diff`` densely, written back
-as a ``.diff``; a DoRA magnitude by the ratio rule; 1-D parts are carried over unchanged (a module
-made only of them needs no basis). In ``copy`` mode every module is written back as it came. In
+Each update projects itself (:meth:`.adapters.Adapter.project`): LoRA/LoCon factors in factored
+form; LoHa and LoKr as their dense ``ΔW``, re-factored into a LoRA; a 2-D/4-D ``.diff`` densely,
+written back as a ``.diff``. A DoRA magnitude follows the ratio rule; 1-D parts are carried over
+unchanged (a module made only of them needs no basis). In ``copy`` mode every module is written back
+as it came (:meth:`.adapters.Adapter.copied`; LoRA factors as kohya factors, scale kept). In
 ``casa`` mode (:mod:`.casa`) each module reads its source and target weights, one module at a time;
-the update becomes LoRA factors of the output rank (default: the input LoRA's; a ``.diff`` stays dense).
+the update is written back by :meth:`.adapters.Adapter.from_dense` with the output rank (default:
+the input LoRA's; a ``.diff`` stays dense).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .adapters import FullDiff, LoraModule, Module, Update, dora_magnitude, refactor
+from .adapters import Module, Projected, Refactored, Update, dora_magnitude
 from .casa import casa_update
 from .config import TransferConfig
 from .errors import ProLoRAError
@@ -25,7 +27,7 @@ from .lora import LoraFile, module_tensors
 from .match import ModuleMatch
 from .names import BaseIndex, name_style
 from .plan import Planned
-from .projection import Factors, project, project_dense, recompress
+from .projection import Factors, recompress
 from .report import ModuleReport, TransferResult
 from .slices import with_slices
 from .weights import WeightSource
@@ -48,7 +50,7 @@ class Piece:
 
     report: ModuleReport
     factors: Factors | None = None
-    layout: LoraModule | tuple[int, ...] = ()
+    layout: tuple[int, ...] = ()
     tensors: dict[str, Tensor] = field(default_factory=dict)
     energy: tuple[float, float] | None = None  # (kept, total) Σσ² of a re-factored update
 
@@ -116,8 +118,9 @@ def _transfer_module(rep: ModuleReport, mod: Module, match: ModuleMatch, config:
     if u is None:
         return piece
     copy = config.mode == "copy"
-    if copy and not isinstance(u, LoraModule):  # written back exactly as it came
-        piece.tensors.update({s: keep(t) for s, t in (u.parts.items() if not isinstance(u, FullDiff) else [(".diff", u.diff)])})
+    stored = u.copied() if copy else None
+    if stored is not None:  # written back exactly as it came
+        piece.tensors.update({s: keep(t) for s, t in stored.items()})
         if u.alpha is not None:
             piece.tensors[".alpha"] = torch.tensor(u.alpha, dtype=torch.float32)
         if mod.dora_scale is not None:
@@ -128,22 +131,11 @@ def _transfer_module(rep: ModuleReport, mod: Module, match: ModuleMatch, config:
     if device is not None and bs is not None and bt is not None:
         bs, bt = bs.to(device), bt.to(device)
     out_dtype = config.save_dtype or lora_dtype
-    diff: Tensor | None = None
-    if config.mode == "casa":
-        diff, norm = _casa(piece, rep, mod, u, match, config, weights, device)
-    elif isinstance(u, LoraModule):
-        f = u.factors() if copy else project(u.factors(), bs, bt, config.mode)  # type: ignore[arg-type]
-        piece.factors, piece.layout = Factors(f.up.to("cpu", torch.float32), f.down.to("cpu", torch.float32), f.scale), u
-        norm = piece.factors.frobenius_norm()
-    else:
-        delta = project_dense(u.dense(), bs, bt, config.mode)  # type: ignore[arg-type]
-        norm = float(delta.double().norm())
-        if isinstance(u, FullDiff):
-            diff = delta.to("cpu", torch.float32).reshape(bt.shape)  # type: ignore[union-attr]
-        else:
-            rf = refactor(delta, config.out_rank)
-            piece.factors, piece.layout, piece.energy = rf.factors, bt.shape, (rf.energy_kept * norm**2, norm**2)  # type: ignore[union-attr]
-            rep.energy_kept, norm = rf.energy_kept, rf.factors.frobenius_norm()
+    out = _casa(mod, u, match, config, weights, device) if config.mode == "casa" else u.project(bs, bt, config.mode, config.out_rank)
+    piece.factors, piece.layout, piece.energy = out.factors, out.layout, out.energy
+    diff, norm = out.diff, out.norm
+    if out.energy_kept is not None:
+        rep.energy_kept = out.energy_kept
     if config.rescale_to_source_norm and norm > 0:
         ratio = rep.source_norm / norm
         if piece.factors is not None:
@@ -158,22 +150,16 @@ def _transfer_module(rep: ModuleReport, mod: Module, match: ModuleMatch, config:
     return piece
 
 
-def _casa(piece: Piece, rep: ModuleReport, mod: Module, u: Update, match: ModuleMatch, config: TransferConfig, weights: Weights,
-          device: torch.device | None) -> tuple[Tensor | None, float]:
-    """Mode ``casa`` for one module: fills ``piece`` (factors, layout, energy) and the report's energy
-    kept; returns the dense ``.diff`` for a full diff (else ``None``) and the output's norm."""
+def _casa(mod: Module, u: Update, match: ModuleMatch, config: TransferConfig, weights: Weights, device: torch.device | None) -> Projected:
+    """Mode ``casa`` for one module, written back in the update's own output form."""
     source, target = weights
     if source is None or target is None:
         raise ProLoRAError("mode casa needs the source and target weights (project_loras(..., source=, target=))", key=mod.name)
     wt = target.get(match.target_key)  # type: ignore[arg-type]
-    rank = config.out_rank or (u.rank if isinstance(u, LoraModule) else None)
+    rank = config.out_rank or u.default_rank
     res = casa_update(u.dense(), source.get(match.source_key), wt, rank, config.casa, device or resolve_device(config.device))  # type: ignore[arg-type]
     total = float(res.delta.double().square().sum())
-    if isinstance(u, FullDiff):
-        return res.delta.to("cpu", torch.float32).reshape(wt.shape), total ** 0.5
-    piece.factors, piece.layout = res.factors, (u if isinstance(u, LoraModule) else tuple(wt.shape))
-    piece.energy, rep.energy_kept = (res.energy_kept * total, total), res.energy_kept
-    return None, piece.factors.frobenius_norm()
+    return u.from_dense(res.delta, tuple(wt.shape), rank, total, Refactored(res.factors, res.energy_kept))
 
 
 def _dora(mod: Module, match: ModuleMatch, weights: Weights) -> Tensor:

@@ -22,7 +22,7 @@ from .cache import DEFAULT_MAX_GB, BasisCache, default_cache_dir
 from .casa import CasaSettings
 from .config import default_threads
 from .errors import ProLoRAError
-from .lora import LoraFile, LoraModule, read_lora
+from .lora import LoraFile, read_lora
 from .names import BaseIndex
 from .outputs import DEFAULT_PATTERN, free_path, output_stem
 from .projection import MODES
@@ -281,7 +281,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "kinds": kinds, "dora_modules": sum(m.dora_scale is not None for m in lora.modules.values()),
         "ranks": sorted({u.rank for u in updates}),
         "alphas": sorted({u.alpha for u in updates if u.alpha is not None}),
-        "conv_modules": sum(isinstance(u, LoraModule) and u.is_conv for u in updates),
+        "conv_modules": sum(u.is_conv for u in updates),
         "unknown_keys": lora.unknown_keys, "unused": lora.unused, "metadata_keys": sorted(lora.metadata),
         "module_names": sorted(lora.modules)[: args.limit],
     }

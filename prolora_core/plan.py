@@ -4,11 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from .adapters import FullDiff, Module, dora_on_output_axis
+from .adapters import Module, dora_on_output_axis
 from .errors import ProLoRAError
 from .lora import LoraFile
-from .linalg import matrix_shape
 from .names import BaseIndex
+from .slices import WeightSlice, parse_place
 from .weights import WeightSource
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def check_fits(lora: LoraFile, mod: Module, weight_shape: tuple[int, ...], base_
         raise ProLoRAError(f"a weight update on the 1-D weight {list(shape)} of {base_label}", file=where, key=u.key)
     # A LoRA's factors may be 2-D on a conv weight or 4-D on a linear one: ComfyUI multiplies the
     # flattened factors and reshapes the product to the weight, so only the matrix shapes must agree.
-    if u is not None and (u.matrix_shape != matrix_shape(shape) or isinstance(u, FullDiff) and tuple(u.diff.shape) != shape):
+    if u is not None and not u.fits(shape):
         raise ProLoRAError(
             f"LoRA update is {u.matrix_shape[0]}×{u.matrix_shape[1]} but the weight in {base_label} is {list(shape)}: "
             "this looks like a LoRA for another base model", file=where, key=u.key)
@@ -55,3 +55,22 @@ def check_fits(lora: LoraFile, mod: Module, weight_shape: tuple[int, ...], base_
         if tuple(t.shape) != want:
             raise ProLoRAError(f"has shape {list(t.shape)} but the weight in {base_label} is {list(shape)} (needs {list(want)}): "
                                "this looks like a LoRA for another base model", file=where, key=mod.name + suffix)
+
+
+def split_blocks(plan: Sequence[Planned]) -> list[Planned]:
+    """``plan`` with each block-diagonal LoRA module on a whole weight (kohya ``split_qkv``:
+    :mod:`.adapter_types.block_diagonal`) replaced by its blocks, each on its rows of the weight (a
+    slice, ``<key>[0:start:rows]``), so each block is matched and projected with its own rows' bases
+    and written back block-diagonal. Modules with a DoRA magnitude or 1-D parts, conv modules and
+    modules already on a slice stay whole. Call after :func:`check_fits`."""
+    out: list[Planned] = []
+    for p in plan:
+        mod = p.module
+        whole = p.source_key is not None and parse_place(p.source_key) is None and mod.dora_scale is None and not mod.carried
+        blocks = mod.update.row_blocks() if whole and mod.update is not None else None
+        if blocks is None:
+            out.append(p)
+            continue
+        out.extend(Planned(p.lora_index, Module(mod.name, block), WeightSlice(p.source_key, 0, start, rows).virtual_key)  # type: ignore[arg-type]
+                   for start, rows, block in blocks)
+    return out

@@ -16,14 +16,14 @@ from .config import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, Pairing, Progress
 from .linalg import resolve_device, torch_threads
 from .lora import LoraFile
 from .match import BasisProvider, ModuleMatch, match_modules
-from .plan import Planned, check_fits, plan_by_names
+from .plan import Planned, check_fits, plan_by_names, split_blocks
 from .report import ModuleReport, RunStats, TransferResult, overall_norm_ratio
 from .slices import with_slices
 from .weights import WeightSource
 
 __all__ = [
     "DEFAULT_MODE", "DEFAULT_THRESHOLD", "PAIRINGS", "Pairing", "ProgressFn", "TransferConfig", "ModuleReport", "RunStats",
-    "TransferResult", "overall_norm_ratio", "Planned", "check_fits", "plan_by_names", "BasisProvider", "ModuleMatch",
+    "TransferResult", "overall_norm_ratio", "Planned", "check_fits", "plan_by_names", "split_blocks", "BasisProvider", "ModuleMatch",
     "match_modules", "NameFn", "Piece", "default_output_name", "project_loras", "transfer",
 ]
 
@@ -47,6 +47,7 @@ def transfer(
     for p in plan:
         if p.source_key is not None:
             check_fits(loras[p.lora_index], p.module, source.shape(p.source_key), source.label)
+    plan = split_blocks(plan)  # block-diagonal modules (kohya split_qkv): each block on its rows
     keys = [p.source_key for p in plan if p.source_key is not None]
     pair_only = set(keys) - {p.source_key for p in plan if p.module.update is not None}
     matches, stats = match_modules(keys, source, target, config, cache, progress, check_interrupt, pair_only)
