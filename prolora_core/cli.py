@@ -155,8 +155,9 @@ def _detector(choice: str) -> DetectFn | None:
 
 def cmd_transfer(args: argparse.Namespace) -> int:
     paths = _lora_paths(args.lora)
-    if (len(paths) > 1 or len(args.target_base) > 1) and args.out:
-        raise ProLoRAError("several LoRAs or targets need --out-dir (a folder) or no --out (each is written next to its input), not --out")
+    for many, what in ((len(paths) > 1, "LoRAs"), (len(args.target_base) > 1, "targets")):
+        if many and args.out:
+            raise ProLoRAError(f"several {what} need --out-dir (a folder) or no --out (each output is written next to its LoRA), not --out")
     settings = _basis_settings(args)
     threads = args.threads if args.threads is not None else default_threads()
     config = TransferConfig(mode=args.mode, subspace_rank=args.subspace_rank, threshold=args.threshold, pairing=args.pairing,
@@ -171,8 +172,9 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     for lora_path, row in zip(paths, outs):
         for out in row:
             if out.resolve() in seen:
-                raise ProLoRAError(f"two outputs would be written to the same file {out} (the other is for {seen[out.resolve()]}); "
-                                   "rename one, or use a --name-pattern with {target}", file=lora_path)
+                what = "two LoRAs would be written to the same output" if seen[out.resolve()] != lora_path else \
+                    "two targets would be written to the same output (use a --name-pattern with {target})"
+                raise ProLoRAError(f"{what} {out} (the other is for {seen[out.resolve()]}); rename one", file=lora_path)
             seen[out.resolve()] = lora_path
     if args.report:
         report_path = check_output_path(args.report, inputs)
@@ -186,7 +188,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
     run = transfer_files(args.source_base, args.target_base, paths, config, lambda li, ti: outs[li][ti], detect=_detector(args.key_map),
                          cache=cache, cache_max_bytes=int(max_mb * 2**20) if cache is not None else None, progress=_Progress("module"),
-                         say=print, warn=_warn, note=lambda line: print(line, file=sys.stderr), on_saved=wrote)
+                         say=print, warn=_warn, note=lambda line: print(line, file=sys.stderr), on_saved=wrote, listed_in="--report")
     if run.evicted:
         print(f"[prolora] cache over {max_mb:g} MB: removed the {run.evicted} least recently used bases", file=sys.stderr)
     if args.report:

@@ -103,8 +103,8 @@ class MemoryBases:
         self._bases[(content_key, tuple(basis.shape))] = basis
 
 
-def _first(items: Sequence[str], limit: int = 5) -> str:
-    more = f" and {len(items) - limit} more (the report lists them all)" if len(items) > limit else ""
+def _first(items: Sequence[str], listed_in: str, limit: int = 5) -> str:
+    more = f" and {len(items) - limit} more ({listed_in} lists them all)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
 
 
@@ -129,6 +129,7 @@ def transfer_files(
     warn: Callable[[str], None] = _quiet,
     note: Callable[[str], None] = _quiet,
     on_saved: Callable[[Path], str | None] | None = None,
+    listed_in: str = "the report",
 ) -> FilesRun:
     """Transfer every LoRA in ``lora_paths`` from the base in ``source_path`` to each base in
     ``target_paths`` (one output per LoRA and target, at ``out_path(lora_index, target_index)``,
@@ -138,7 +139,7 @@ def transfer_files(
     ComfyUI's key map for it; ``None`` from it (or no ``detect``) places modules by weight names,
     unless ``need_detect`` (the files node: ComfyUI must read the file). ``say`` gets the summary
     lines, ``warn`` what the user should look at, ``note`` progress notes; ``on_saved(path)`` may
-    return a line to say. ``cache_max_bytes``: after the run, the least recently used bases are
+    return a line to say; a warning naming more than five modules says ``listed_in`` lists them all. ``cache_max_bytes``: after the run, the least recently used bases are
     removed until the cache holds at most that many bytes.
 
     Raises :class:`ProLoRAError` for unreadable files, a LoRA none of whose modules maps onto the
@@ -170,7 +171,7 @@ def transfer_files(
     loras = [read_lora(p) for p in lora_paths]
     for lora in loras:
         if lora.unknown_keys:
-            warn(f"{lora.path}: {len(lora.unknown_keys)} keys are not used: " + _first([f"{k} ({lora.unused[k]})" for k in lora.unknown_keys]))
+            warn(f"{lora.path}: {len(lora.unknown_keys)} keys are not used: " + _first([f"{k} ({lora.unused[k]})" for k in lora.unknown_keys], listed_in))
     if found is not None:
         naming = f"ComfyUI's key map for {found.kind}"
         plan = [Planned(i, mod, found.key_map.get(mod.name)) for i, lora in enumerate(loras) for mod in lora.modules.values()]
@@ -182,17 +183,17 @@ def transfer_files(
     else:
         naming = "weight names"
         plan = plan_by_names(loras, source)
-    _not_mapped(plan, loras, source.label, config.strict, warn)
+    _not_mapped(plan, loras, source.label, config.strict, warn, listed_in)
     sliced = with_slices(source)
     for i, lora in enumerate(loras):
         placed = [(p.module.name, p.module.update.matrix_shape, p.source_key) for p in plan
                   if p.lora_index == i and p.source_key is not None and p.module.update is not None and len(sliced.shape(p.source_key)) >= 2]
-        check_lora_fits_somewhere(placed, sliced, lora.path.name if lora.path else "<LoRA>", describe)
+        check_lora_fits_somewhere(placed, sliced, lora.path or "<LoRA>", describe)
     keys = [p.source_key for p in plan if p.source_key is not None]
     n_modules = sum(p.source_key is not None for p in plan)
     for t in targets:
         check_shapes_can_match(sliced, with_slices(t), keys, config.pairing, f"the LoRA's {n_modules} modules" if len(loras) == 1
-                               else f"the {n_modules} modules of the {len(loras)} LoRAs", describe)
+                               else f"the {n_modules} modules of the {len(loras)} LoRAs", describe, absent_ok=found is None)
     bases = cache if cache is not None else (MemoryBases() if len(targets) > 1 else None)
     runs: list[TargetRun] = []
     lines: list[str] = []
@@ -228,14 +229,15 @@ def transfer_files(
             if skipped:
                 why = [f"{m.source} ({m.reason}" + (f"; best candidate {m.candidate}, Φ {m.candidate_phi:.2f}"
                                                     if m.candidate is not None and m.candidate_phi is not None else "") + ")" for m in skipped]
-                warn(f"{len(skipped)} modules not transferred to {target.label}: " + _first(why))
+                warn(f"{len(skipped)} modules not transferred to {target.label}: " + _first(why, listed_in))
         runs.append(TargetRun(target, results, stats, written))
     source.save_memo()
     evicted = cache.evict(cache_max_bytes) if cache is not None and cache_max_bytes is not None else 0
     return FilesRun(source, loras, runs, naming, quantized, lines, evicted)
 
 
-def _not_mapped(plan: Sequence[Planned], loras: Sequence[LoraFile], source_label: str, strict: bool, warn: Callable[[str], None]) -> None:
+def _not_mapped(plan: Sequence[Planned], loras: Sequence[LoraFile], source_label: str, strict: bool, warn: Callable[[str], None],
+                listed_in: str) -> None:
     """One warning per reason for LoRA modules without a weight in the source base (an error with
     ``strict``)."""
     missing = [p for p in plan if p.source_key is None]
@@ -245,7 +247,7 @@ def _not_mapped(plan: Sequence[Planned], loras: Sequence[LoraFile], source_label
                        (te, f"{len(te)} text-encoder modules are left out: {TEXT_ENCODER_REASON}")):
         if not group:
             continue
-        msg += ": " + _first([f"'{p.module.name}'" for p in group])
+        msg += ": " + _first([f"'{p.module.name}'" for p in group], listed_in)
         if strict:
             raise ProLoRAError(msg + " (--strict)", file=loras[group[0].lora_index].path)
         warn(msg)
