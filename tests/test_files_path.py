@@ -1,0 +1,185 @@
+"""The file-to-file path (``prolora_core.file_transfer.transfer_files``) through both of its front
+ends, the CLI and the Transfer LoRA (files) node, on base files written from tiny models of ComfyUI's
+own classes (real key names and layout, small widths):
+
+* the CLI places modules with ComfyUI's key map of the detected model (``prolora_host``): a
+  diffusers-style Flux LoRA (q/k/v on slices of the fused ``qkv``) transfers with ``copy`` parity to
+  ComfyUI's loader, also as a real ``python -m prolora_core`` subprocess; ``--key-map names`` cannot
+  place it;
+* several targets in one pass: one Wan 2.1 LoRA onto both Wan 2.2 experts, one output per target
+  named after it, each equal to the dense float64 reference against its own expert, the source's
+  bases computed once (without a basis cache too);
+* shapes that cannot match (Wan 14B LoRA and bases onto Wan 1.3B): one message naming both detected
+  models and their sizes, from the CLI and from the files node.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import comfy_host
+import family_models as fm
+from fixtures_files import read_report, run_cli, run_main
+from test_family_flux import DIFFUSERS, PREFIX_D, PREFIX_S
+from test_family_flux import applied as flux_applied
+from test_family_flux import make_lora as flux_lora
+from test_family_wan_qwen import LAYOUTS as WAN_LAYOUTS
+from test_family_wan_qwen import check_against_reference
+from test_family_wan_qwen import make_lora as wan_lora
+
+pytestmark = pytest.mark.usefixtures("comfyui")
+
+
+@pytest.fixture(scope="module")
+def flux_files(comfyui: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, Path, Path, dict]:
+    """A tiny Flux and a perturbed copy as checkpoint files, and a diffusers-style LoRA file."""
+    root = tmp_path_factory.mktemp("flux")
+    src = comfy_host.tiny_flux_model(0)
+    tgt = comfy_host.perturbed_copy(src, 0.05, seed=11)
+    s, t = comfy_host.save_model_state(src, root / "flux_src.safetensors"), comfy_host.save_model_state(tgt, root / "flux_tgt.safetensors")
+    lora = flux_lora(src, "diffusers", seed=6)
+    save_file(lora, str(root / "flux_style.safetensors"))
+    return tgt, s, t, root / "flux_style.safetensors", lora
+
+
+def _check_flux_copy(tgt: Any, out: Path, lora: dict, caplog: pytest.LogCaptureFixture) -> None:
+    got_lora = load_file(str(out))
+    assert {PREFIX_D + "attn.to_q.lora_up.weight", PREFIX_S + "proj_mlp.lora_down.weight"} <= set(got_lora), sorted(got_lora)[:6]
+    with caplog.at_level(logging.WARNING):
+        want, got = flux_applied(tgt, lora), flux_applied(tgt, got_lora)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+
+
+def test_cli_places_a_diffusers_flux_lora_with_comfyuis_key_map(flux_files: tuple, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    tgt, s, t, lora_path, lora = flux_files
+    out, report = tmp_path / "out.safetensors", tmp_path / "report.json"
+    rc, stdout, err = run_main(["transfer", "--source-base", s, "--target-base", t, "--lora", lora_path, "--out", out, "--mode", "copy",
+                                "--no-cache", "--device", "cpu", "--report", report], capsys)
+    assert rc == 0, err
+    assert f"flux_style.safetensors: {len(DIFFUSERS)} modules\n  {len(DIFFUSERS)} transferred" in stdout, stdout
+    assert read_report(report)["summary"]["key_map"] == "ComfyUI's key map for Flux"
+    _check_flux_copy(tgt, out, lora, caplog)
+    # Without ComfyUI's map the names are the checkpoint's own: nothing of a diffusers LoRA is placed.
+    rc, _, err = run_main(["transfer", "--source-base", s, "--target-base", t, "--lora", lora_path, "--out", tmp_path / "names.safetensors",
+                           "--mode", "copy", "--no-cache", "--key-map", "names"], capsys)
+    assert rc == 2 and f"none of the LoRA's {len(DIFFUSERS)} modules has a weight in the source base" in err, err
+
+
+def test_cli_subprocess_imports_comfyui_for_the_key_map(flux_files: tuple, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``python -m prolora_core`` from the repository root (the pack's ``nodes/`` folder in the current
+    directory): ComfyUI is found in .comfyui and its ``nodes`` module is not shadowed."""
+    tgt, s, t, lora_path, lora = flux_files
+    out = tmp_path / "sub.safetensors"
+    proc = run_cli(["transfer", "--source-base", s, "--target-base", t, "--lora", lora_path, "--out", out, "--mode", "copy", "--no-cache",
+                    "--device", "cpu", "--key-map", "comfyui"], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    _check_flux_copy(tgt, out, lora, caplog)
+
+
+# --------------------------------------------------------------------------------------
+# Wan 2.1 → both Wan 2.2 experts in one pass
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wan_files(comfyui: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("wan")
+    wan21 = fm.tiny_model("wan21_14b")
+    high, low = fm.wan22_experts_from(wan21)
+    paths = {"src": comfy_host.save_model_state(wan21, root / "diffusion_models" / "wan21.safetensors", prefix=""),
+             "high": comfy_host.save_model_state(high, root / "diffusion_models" / "wan22_high.safetensors", prefix=""),
+             "low": comfy_host.save_model_state(low, root / "diffusion_models" / "wan22_low.safetensors", prefix="")}
+    small = fm.tiny_model("wan21_1.3b")
+    paths["small"] = comfy_host.save_model_state(small, root / "diffusion_models" / "wan13.safetensors", prefix="")
+    lora = wan_lora(wan21, "wan-musubi", seed=5)
+    (root / "loras").mkdir()
+    save_file(lora, str(root / "loras" / "wan_style.safetensors"))
+    yield {"root": root, "models": {"src": wan21, "high": high, "low": low, "small": small}, "paths": paths, "lora": lora,
+           "lora_path": root / "loras" / "wan_style.safetensors"}
+
+
+N_WAN = len(WAN_LAYOUTS["wan-musubi"][1])
+
+
+def test_cli_transfers_one_wan21_lora_to_both_wan22_experts(wan_files: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p, m = wan_files["paths"], wan_files["models"]
+    rc, stdout, err = run_main(["transfer", "--source-base", p["src"], "--target-base", p["high"], "--target-base", p["low"],
+                                "--lora", wan_files["lora_path"], "--out-dir", tmp_path, "--mode", "prolora", "--no-cache", "--device", "cpu"],
+                               capsys)
+    assert rc == 0, err
+    # no disk cache: the source's bases are kept in memory for the second target
+    assert f"wan21.safetensors → wan22_high.safetensors; bases computed {2 * N_WAN}, from cache 0" in stdout, stdout
+    assert f"wan21.safetensors → wan22_low.safetensors; bases computed {N_WAN}, from cache {N_WAN}" in stdout, stdout
+    outs = {e: load_file(str(tmp_path / f"wan_style__to_wan22_{e}.safetensors")) for e in ("high", "low")}
+    for e in ("high", "low"):
+        check_against_reference(wan_files["lora"], "wan-musubi", m["src"], m[e], outs[e], "prolora")
+    key = "lora_unet_blocks_0_self_attn_q.lora_up.weight"
+    assert not torch.equal(outs["high"][key], outs["low"][key]), "each expert gets its own projection"
+
+
+def _files_node(nodes_by_id: dict[str, Any], root: Path, target: str, more_targets: str = "", mode: str = "prolora") -> tuple[str, str]:
+    import folder_paths
+
+    for folder in ("diffusion_models", "loras"):
+        folder_paths.add_model_folder_path(folder, str(root / folder), is_default=True)
+    try:
+        return tuple(nodes_by_id["ProLoRATransferLoRAFiles"].execute(
+            source_model="diffusion_models/wan21.safetensors", target_model=target, more_targets=more_targets, lora_name="wan_style.safetensors",
+            more_loras="", mode=mode, subspace_rank=0, threshold=0.0, pairing="name", filename_pattern="{lora}__to_{target}",
+            device="cpu").args)  # type: ignore[return-value]
+    finally:
+        for folder in ("diffusion_models", "loras"):
+            folder_paths.folder_names_and_paths[folder][0].remove(str(root / folder))
+
+
+def test_files_node_transfers_one_wan21_lora_to_both_wan22_experts(nodes_by_id: dict[str, Any], wan_files: dict,
+                                                                    monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PROLORA_CACHE_DIR", str(tmp_path / "cache"))
+    root, m = wan_files["root"], wan_files["models"]
+    names, report = _files_node(nodes_by_id, root, "diffusion_models/wan22_high.safetensors", "diffusion_models/wan22_low.safetensors\n")
+    assert names.splitlines() == ["wan_style__to_wan22_high.safetensors", "wan_style__to_wan22_low.safetensors"], names
+    assert f"bases computed {2 * N_WAN}, from cache 0" in report and f"bases computed {N_WAN}, from cache {N_WAN}" in report, report
+    try:
+        for name, e in zip(names.splitlines(), ("high", "low")):
+            check_against_reference(wan_files["lora"], "wan-musubi", m["src"], m[e], load_file(str(root / "loras" / name)), "prolora")
+    finally:
+        for name in names.splitlines():
+            (root / "loras" / name).unlink()
+
+
+# --------------------------------------------------------------------------------------
+# Shapes that cannot match: one message naming both detected models
+# --------------------------------------------------------------------------------------
+
+def _expect_one_message(msg: str, wan_files: dict) -> None:
+    m = wan_files["models"]
+    big, small = (f"{fm.parameter_count(m[k]) / 1e6:.2f} M parameters" for k in ("src", "small"))
+    assert f"the source model is WAN21_T2V ({big}, dim 64) and the target model is WAN21_T2V ({small}, dim 32)" in msg, msg
+    assert f"none of the LoRA's {N_WAN} modules has a weight of its shape" in msg and "shapes differ: this method needs same-shape models" in msg
+
+
+def test_cli_wan14b_onto_wan13b_gives_one_message(wan_files: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = wan_files["paths"]
+    rc, stdout, err = run_main(["transfer", "--source-base", p["src"], "--target-base", p["small"], "--lora", wan_files["lora_path"],
+                                "--out-dir", tmp_path, "--no-cache", "--device", "cpu"], capsys)
+    assert rc == 2 and len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err
+    _expect_one_message(err, wan_files)
+    assert not list(tmp_path.glob("*.safetensors")), "nothing is written"
+
+
+def test_files_node_wan14b_onto_wan13b_gives_one_message(nodes_by_id: dict[str, Any], wan_files: dict, monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    from prolora_core.errors import ProLoRAError  # noqa: F401 (the pack's copy is another class: match by name)
+
+    monkeypatch.setenv("PROLORA_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(Exception) as info:
+        _files_node(nodes_by_id, wan_files["root"], "diffusion_models/wan13.safetensors")
+    assert type(info.value).__name__ == "ProLoRAError", info.value
+    _expect_one_message(str(info.value), wan_files)
