@@ -107,7 +107,63 @@ def detect_model(weights: Any) -> DetectedModel | None:
         key = prefix + whole[len("diffusion_model."):]
         if key in file_keys:
             out[name] = piece.on(key).virtual_key if piece is not None else key
+    for name, key in text_encoder_key_map(config, meta_sd, prefix).items():
+        out.setdefault(name, key)
     return DetectedModel(type(config).__name__, out, dict(config.unet_config), prefix)
+
+
+def text_encoder_key_map(config: Any, meta_sd: dict[str, torch.Tensor], unet_prefix: str) -> dict[str, str]:
+    """LoRA module name → weight key in the file (or a slice's virtual key) for the text encoders a
+    checkpoint carries (SD1.5 ``cond_stage_model.…``, SDXL ``conditioner.embedders.0/1.…``), as
+    ComfyUI's checkpoint loader and LoRA loader see them.
+
+    ComfyUI's checkpoint loader renames the file's text-encoder keys with the model config's
+    ``process_clip_state_dict`` (``cond_stage_model.`` → ``clip_l.``; OpenCLIP's fused
+    ``attn.in_proj_weight`` split into ``q_proj``/``k_proj``/``v_proj`` row blocks) and loads the result
+    into the text-encoder model; ``comfy.lora.model_lora_keys_clip`` maps LoRA names onto that model's
+    state-dict keys (by key names only: it tests no class). The same renaming runs here on the
+    file's meta tensors, and each renamed tensor is traced back to the file key it came from: the
+    same tensor object (renamed), or a row view of one (a block of a fused weight: the slice
+    ``(key, (0, start, length))``). The key map is then ComfyUI's on the renamed keys the file
+    provides. Empty for a file without text encoders (a diffusion model alone)."""
+    import comfy.lora
+    import comfy.utils
+
+    origin = {id(t): k for k, t in meta_sd.items() if not (unet_prefix and k.startswith(unet_prefix))}
+    if not origin:
+        return {}
+    try:
+        renamed = config.process_clip_state_dict({k: t for k, t in meta_sd.items() if id(t) in origin})
+    except Exception:  # a family whose renaming needs values (not shapes) or keys the file lacks: no text-encoder map
+        return {}
+    places: dict[str, Any] = {}
+    for key, t in renamed.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if id(t) in origin:
+            places[key] = origin[id(t)]
+            continue
+        base = t._base
+        if base is not None and id(base) in origin and t.dim() == base.dim() and t.shape[1:] == base.shape[1:] and t.is_contiguous():
+            row = base.stride(0)
+            places[key] = (origin[id(base)], (0, t.storage_offset() // row, t.shape[0]))
+    if not places:
+        return {}
+
+    class _TextEncoderKeys:
+        """What ``model_lora_keys_clip`` reads of a text-encoder model: its state-dict key names."""
+
+        @staticmethod
+        def state_dict() -> dict[str, Any]:
+            return places
+
+    out: dict[str, str] = {}
+    for name, target in comfy.lora.model_lora_keys_clip(_TextEncoderKeys(), {}).items():
+        place = places.get(target) if isinstance(target, str) else None
+        key = place_key(place, comfy.utils.swap_scale_shift) if place is not None else None
+        if key is not None:
+            out[name] = key
+    return out
 
 
 def file_key_map(weights: Any) -> dict[str, str]:

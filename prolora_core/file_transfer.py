@@ -33,6 +33,9 @@ from .weights import WeightSource, open_weights
 
 TEXT_ENCODER_REASON = ("text-encoder names are not mapped from files yet "
                        "(the ComfyUI nodes map them, with a CLIP connected to Compute Basis)")
+#: with ComfyUI's key maps, a text-encoder module left out is one whose text encoder the base file lacks
+NO_TEXT_ENCODER = ("the source file carries no such text-encoder weight (Flux's CLIP-L/T5, SD3's and Wan's text encoders are separate "
+                   "files: transfer those parts with the nodes, a CLIP connected to Compute Basis)")
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,8 @@ def transfer_files(
     else:
         naming = "weight names"
         plan = plan_by_names(loras, source)
-    _not_mapped(plan, loras, source.label, config.strict, warn, listed_in)
+    te_reason = NO_TEXT_ENCODER if found is not None else TEXT_ENCODER_REASON
+    _not_mapped(plan, loras, source.label, config.strict, warn, listed_in, te_reason)
     sliced = with_slices(source)
     for i, lora in enumerate(loras):
         placed = [(p.module.name, p.module.update.matrix_shape, p.source_key) for p in plan
@@ -211,7 +215,8 @@ def transfer_files(
         written: list[Path | None] = []
         for li, result in enumerate(results):
             summary = result.summary()
-            for line in format_summary(result.lora.path.name if result.lora.path else f"LoRA {li + 1}", summary, config.threshold):
+            for line in format_summary(result.lora.path.name if result.lora.path else f"LoRA {li + 1}", summary, config.threshold,
+                                       *(("the source file carries no such text-encoder weight",) if found is not None else ())):
                 said(line)
             if summary["transferred"] == 0:
                 said("  nothing written")
@@ -237,14 +242,14 @@ def transfer_files(
 
 
 def _not_mapped(plan: Sequence[Planned], loras: Sequence[LoraFile], source_label: str, strict: bool, warn: Callable[[str], None],
-                listed_in: str) -> None:
+                listed_in: str, te_reason: str) -> None:
     """One warning per reason for LoRA modules without a weight in the source base (an error with
     ``strict``)."""
     missing = [p for p in plan if p.source_key is None]
     te = [p for p in missing if is_text_encoder_module(p.module.name)]
     other = [p for p in missing if not is_text_encoder_module(p.module.name)]
     for group, msg in ((other, f"{len(other)} LoRA modules have no weight in {source_label}"),
-                       (te, f"{len(te)} text-encoder modules are left out: {TEXT_ENCODER_REASON}")):
+                       (te, f"{len(te)} text-encoder modules are left out: {te_reason}")):
         if not group:
             continue
         msg += ": " + _first([f"'{p.module.name}'" for p in group], listed_in)

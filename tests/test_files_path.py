@@ -183,3 +183,77 @@ def test_files_node_wan14b_onto_wan13b_gives_one_message(nodes_by_id: dict[str, 
         _files_node(nodes_by_id, wan_files["root"], "diffusion_models/wan13.safetensors")
     assert type(info.value).__name__ == "ProLoRAError", info.value
     _expect_one_message(str(info.value), wan_files)
+
+
+# --------------------------------------------------------------------------------------
+# Text encoders carried by a checkpoint (SD1.5 ``cond_stage_model.…``)
+# --------------------------------------------------------------------------------------
+
+def _clip_weights(clip: Any, patched: bool) -> dict[str, torch.Tensor]:
+    """A ``CLIP``'s text-encoder weights (``clip_l.…``), with its patches applied by ComfyUI's own
+    ``calculate_weight`` when ``patched``."""
+    import comfy.lora
+
+    out = {}
+    for key, entry in clip.patcher.get_key_patches("clip_l.").items():
+        w = entry[0][1](entry[0][0].detach().to("cpu", torch.float32, copy=True))
+        out[key] = comfy.lora.calculate_weight(entry[1:], w, key) if patched and len(entry) > 1 else w
+    return out
+
+
+def _sd15_checkpoint(unet: Any, clip: Any, path: Path) -> Path:
+    """A checkpoint in ComfyUI's saving layout: ``model.diffusion_model.…`` and the text encoder under
+    ``cond_stage_model.…`` (the model config's ``process_clip_state_dict_for_saving``)."""
+    comfy_host.save_model_state(unet, path)
+    tensors = load_file(str(path))
+    with open(path, "rb") as f:  # keep the model's metadata
+        import json as _json
+        header = _json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    te = unet.model.model_config.process_clip_state_dict_for_saving(dict(clip.cond_stage_model.state_dict()))
+    tensors.update({k: v.detach().float().contiguous() for k, v in te.items()})
+    save_file(tensors, str(path), metadata=header["__metadata__"])
+    return path
+
+
+def test_cli_transfers_the_text_encoder_part_a_checkpoint_carries(comfyui: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A kohya LoRA with UNet and ``lora_te_`` modules between two SD1.5-layout checkpoints that carry
+    their text encoders: every module is placed through ComfyUI's unet and clip key maps, and the
+    ``copy`` output changes UNet and text-encoder weights exactly as the input does under ComfyUI's
+    loader (``comfy.sd.load_lora_for_models``)."""
+    import comfy.sd
+
+    src_unet = comfy_host.tiny_sd15_model(0)
+    tgt_unet = comfy_host.perturbed_copy(src_unet, 0.05, seed=3)
+    src_clip, tgt_clip = comfy_host.tiny_clip(0), comfy_host.tiny_clip(1)
+    s = _sd15_checkpoint(src_unet, src_clip, tmp_path / "sd15_src.safetensors")
+    t = _sd15_checkpoint(tgt_unet, tgt_clip, tmp_path / "sd15_tgt.safetensors")
+    unet_mods = sorted(k[len("diffusion_model."):-len(".weight")] for k in src_unet.model.state_dict() if k.endswith("attn1.to_q.weight"))[:2]
+    lora = comfy_host.kohya_lora(src_unet, unet_mods, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    clip_sd = src_clip.cond_stage_model.state_dict()
+    te = {"self_attn_q_proj": "self_attn.q_proj", "mlp_fc1": "mlp.fc1"}
+    for short, mod in te.items():
+        m, n = clip_sd[f"clip_l.transformer.text_model.encoder.layers.0.{mod}.weight"].shape
+        name = f"lora_te_text_model_encoder_layers_0_{short}"
+        lora[f"{name}.lora_down.weight"], lora[f"{name}.lora_up.weight"] = 0.1 * torch.randn(4, n, generator=gen), 0.1 * torch.randn(m, 4, generator=gen)
+        lora[f"{name}.alpha"] = torch.tensor(4.0)
+    lora_path = tmp_path / "style.safetensors"
+    save_file(lora, str(lora_path))
+    out = tmp_path / "out.safetensors"
+    rc, stdout, err = run_main(["transfer", "--source-base", s, "--target-base", t, "--lora", lora_path, "--out", out, "--mode", "copy",
+                                "--no-cache", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    assert "style.safetensors: 4 modules\n  4 transferred" in stdout and "text-encoder" not in err, stdout + err
+    got = load_file(str(out))
+    assert {f"lora_te_text_model_encoder_layers_0_{k}.lora_up.weight" for k in te} <= set(got), sorted(got)
+
+    def apply(lora_sd: dict) -> tuple[dict, dict]:
+        model, clip = comfy.sd.load_lora_for_models(tgt_unet, tgt_clip, lora_sd, 1.0, 1.0)
+        return comfy_host.unet_weights(model, patched=True), _clip_weights(clip, patched=True)
+
+    (want_u, want_c), (got_u, got_c) = apply(lora), apply(got)
+    before_c = _clip_weights(tgt_clip, patched=False)
+    assert sum(not torch.equal(want_c[k], before_c[k]) for k in want_c) == 2, "the input changes two text-encoder weights"
+    for want, have in ((want_u, got_u), (want_c, got_c)):
+        for k in want:
+            torch.testing.assert_close(have[k], want[k], rtol=1e-6, atol=1e-7)
