@@ -53,9 +53,6 @@ class TransferLoRAFiles(io.ComfyNode):
             inputs=[
                 io.Combo.Input("source_model", options=files, tooltip="Checkpoint or diffusion model the LoRA was trained on."),
                 io.Combo.Input("target_model", options=files, tooltip="Checkpoint or diffusion model to move the LoRA to."),
-                io.String.Input("more_targets", default="", multiline=True, optional=True,
-                                tooltip="Further target models (folder/name as in target_model), one per line, e.g. Wan 2.2's second expert: "
-                                        "one output per LoRA and target, named after the target; the source's bases are computed once."),
                 io.Combo.Input("lora_name", options=loras, tooltip="The LoRA to transfer (models/loras)."),
                 io.String.Input("more_loras", default="", multiline=True, tooltip="Further LoRA file names in models/loras, one per line: "
                                 "all share one pass over the bases."),
@@ -71,6 +68,9 @@ class TransferLoRAFiles(io.ComfyNode):
                 io.Float.Input("cache_max_gb", default=DEFAULT_MAX_GB, min=0.0, max=4096.0, step=0.5, optional=True,
                                tooltip="Size limit of the basis cache (ComfyUI user folder): after the run the least recently used bases are "
                                        "removed until it fits. 0 keeps no bases. Clear it with the ProLoRA Cache node."),
+                io.String.Input("more_targets", default="", multiline=True, optional=True,
+                                tooltip="Further target models (folder/name as in target_model), one per line, e.g. Wan 2.2's second expert: "
+                                        "one output per LoRA and target, named after the target; the source's bases are computed once."),
             ],
             outputs=[
                 io.String.Output(display_name="lora_names", tooltip="Saved file names (one per line), as core 'Load LoRA' lists them."),
