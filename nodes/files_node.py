@@ -17,7 +17,7 @@ from ..prolora_core.file_transfer import transfer_files
 from ..prolora_core.outputs import DEFAULT_PATTERN, free_path, output_stem
 from ..prolora_core.projection import MODES
 from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, TransferConfig
-from ..prolora_host import detect_model, file_key_map  # noqa: F401 (file_key_map: ComfyUI's map of a file, for callers of this module)
+from ..prolora_host import detect_model
 from .bridge import cache_dir, check_interrupt, engine_device, progress
 from .transfer_nodes import CATEGORY, PREFIX
 

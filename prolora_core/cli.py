@@ -1,10 +1,12 @@
 """Command line: ``python -m prolora_core {transfer,similarity,inspect,cache}``.
 
-Scope: base files are safetensors, or GGUF (ComfyUI-GGUF's naming, dequantized per tensor), whose
-module weights are ``<module>.weight``; LoRA module names are matched to them directly, through a known prefix (``diffusion_model.``,
-``model.diffusion_model.``, ``unet.``) or through kohya's underscore naming. LoRAs named in another
-scheme than their checkpoint (kohya diffusers-style names on an LDM checkpoint) need the ComfyUI
-nodes, which use ComfyUI's own key mapping.
+Scope: base files are safetensors, or GGUF (ComfyUI-GGUF's naming, dequantized per tensor).
+``transfer`` runs :func:`prolora_core.file_transfer.transfer_files`, the path the Transfer LoRA (files)
+node runs too. When the ComfyUI host can be imported (``.comfyui`` beside the pack, or
+$PROLORA_COMFYUI_DIR), LoRA modules are placed by ComfyUI's own key maps for the model it detects in the
+source file (``prolora_host.py``), text encoders a checkpoint carries included; otherwise, or with
+``--key-map names``, a module pairs with ``<module>.weight`` directly, through a known prefix
+(``diffusion_model.``, ``model.diffusion_model.``, ``unet.``) or through kohya's underscore naming.
 """
 from __future__ import annotations
 
@@ -41,12 +43,6 @@ def _err(msg: str) -> None:
 
 def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
-
-
-def _first(items: Sequence[str], limit: int = 5) -> str:
-    """The first ``limit`` items, and how many more there are (the report lists them all)."""
-    more = f" and {len(items) - limit} more (--report lists them all)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
 
 
 class _Progress:

@@ -176,12 +176,10 @@ def test_cli_wan14b_onto_wan13b_gives_one_message(wan_files: dict, tmp_path: Pat
 
 def test_files_node_wan14b_onto_wan13b_gives_one_message(nodes_by_id: dict[str, Any], wan_files: dict, monkeypatch: pytest.MonkeyPatch,
                                                          tmp_path: Path) -> None:
-    from prolora_core.errors import ProLoRAError  # noqa: F401 (the pack's copy is another class: match by name)
-
     monkeypatch.setenv("PROLORA_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(Exception) as info:
         _files_node(nodes_by_id, wan_files["root"], "diffusion_models/wan13.safetensors")
-    assert type(info.value).__name__ == "ProLoRAError", info.value
+    assert type(info.value).__name__ == "ProLoRAError", info.value  # the pack's own copy of the class: matched by name
     _expect_one_message(str(info.value), wan_files)
 
 
