@@ -162,11 +162,15 @@ def transfer_files(
         raise ProLoRAError("ComfyUI cannot detect the model type of this file", file=getattr(source, "path", source.label))
     detected: dict[int, DetectedModel | None] = {id(source): found}
 
-    def describe(w: WeightSource) -> str:
-        inner = getattr(w, "inner", w)
+    def family(w: WeightSource) -> DetectedModel | None:
+        inner = getattr(w, "inner", w)  # a SlicedWeights' own source
         if id(inner) not in detected:
             detected[id(inner)] = detect(inner) if detect is not None else None
-        d = detected[id(inner)]
+        return detected[id(inner)]
+
+    def describe(w: WeightSource) -> str:
+        inner = getattr(w, "inner", w)
+        d = family(inner)
         if d is None:
             return describe_model(inner.label, parameter_count(inner))
         return describe_model(d.kind, parameter_count(inner, d.prefix), d.unet_config)
@@ -211,7 +215,8 @@ def transfer_files(
         target.save_memo()
         said(f"ProLoRA {config.mode}, pairing {config.pairing}: {source.label} → {target.label}; bases computed {stats.svd_computed}, "
              f"from cache {stats.bases_from_cache}; CPU threads {config.threads}")
-        family = detected.get(id(target)) if id(target) in detected else (detect(target) if detect is not None and found is not None else None)
+        target_model = family(target) if found is not None else None
+        kind = target_model.kind if target_model is not None else None  # names the target in the base-model metadata fields
         written: list[Path | None] = []
         for li, result in enumerate(results):
             summary = result.summary()
@@ -224,7 +229,7 @@ def transfer_files(
                 written.append(None)
                 continue
             out = out_path(li, ti)
-            meta = output_metadata(result, source.label, target.label, config, family.kind if family is not None else None)
+            meta = output_metadata(result, source.label, target.label, config, kind)
             atomic_save(result.tensors, out, meta)
             written.append(out)
             line = on_saved(out) if on_saved is not None else None
