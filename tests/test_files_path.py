@@ -255,3 +255,49 @@ def test_cli_transfers_the_text_encoder_part_a_checkpoint_carries(comfyui: Any, 
     for want, have in ((want_u, got_u), (want_c, got_c)):
         for k in want:
             torch.testing.assert_close(have[k], want[k], rtol=1e-6, atol=1e-7)
+
+
+def test_sdxl_text_encoders_map_as_comfyuis_checkpoint_loader_loads_them(comfyui: Any, tmp_path: Path) -> None:
+    """SDXL checkpoints keep CLIP-L as ``conditioner.embedders.0.transformer.…`` and OpenCLIP-G as
+    ``conditioner.embedders.1.model.…`` with q, k and v fused in ``attn.in_proj_weight``.
+
+    Full size, on the meta device (ComfyUI's own ``SDXLClipModel``, saved by the config's
+    ``process_clip_state_dict_for_saving``): kohya ``lora_te1_``/``lora_te2_`` and diffusers
+    ``text_encoder_2.`` names map onto the file's keys, q/k/v onto row slices of ``in_proj_weight``.
+    With values (one block at toy width): every mapped weight, served from the file as the core serves
+    a slice, equals the tensor ComfyUI's checkpoint loader (``process_clip_state_dict``) loads under
+    the key ComfyUI's clip key map gives that LoRA name."""
+    import comfy.lora
+    import comfy.supported_models
+    import prolora_host
+    from prolora_core.slices import SlicedWeights
+    from prolora_core.weights import open_weights
+
+    config = comfy.supported_models.SDXL(dict(comfy.supported_models.SDXL.unet_config))
+    full = config.clip_target().clip(device=torch.device("meta"), dtype=torch.float16).state_dict()
+    saved = config.process_clip_state_dict_for_saving(dict(full))
+    key_map = prolora_host.text_encoder_key_map(config, {k: torch.empty(v.shape, device="meta") for k, v in saved.items()},
+                                                "model.diffusion_model.")
+    g_attn = "conditioner.embedders.1.model.transformer.resblocks.{}.attn.in_proj_weight[0:{}:1280]"
+    assert key_map["lora_te1_text_model_encoder_layers_0_self_attn_q_proj"] == \
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    for i, proj in enumerate(("q", "k", "v")):
+        assert key_map[f"lora_te2_text_model_encoder_layers_5_self_attn_{proj}_proj"] == g_attn.format(5, 1280 * i)
+        assert key_map[f"text_encoder_2.text_model.encoder.layers.31.self_attn.{proj}_proj"] == g_attn.format(31, 1280 * i)
+    assert key_map["lora_te2_text_model_encoder_layers_0_mlp_fc1"] == "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_fc.weight"
+    assert sum(k.startswith("lora_te2_") for k in key_map) == 32 * 6 and sum(k.startswith("lora_te1_") for k in key_map) == 12 * 6
+
+    gen = torch.Generator().manual_seed(0)
+    g, l_ = "conditioner.embedders.1.model.transformer.resblocks.0.", "conditioner.embedders.0.transformer.text_model.encoder.layers.0."
+    small = {g + "attn.in_proj_weight": torch.randn(24, 8, generator=gen), g + "attn.in_proj_bias": torch.randn(24, generator=gen),
+             g + "attn.out_proj.weight": torch.randn(8, 8, generator=gen), g + "mlp.c_fc.weight": torch.randn(32, 8, generator=gen),
+             l_ + "self_attn.q_proj.weight": torch.randn(8, 8, generator=gen), l_ + "mlp.fc2.weight": torch.randn(8, 32, generator=gen)}
+    path = tmp_path / "sdxl_te.safetensors"
+    save_file(small, str(path))
+    weights = SlicedWeights(open_weights(path))
+    small_map = prolora_host.text_encoder_key_map(config, {k: torch.empty(v.shape, device="meta") for k, v in small.items()}, "model.diffusion_model.")
+    loaded = config.process_clip_state_dict(dict(small))  # what ComfyUI's checkpoint loader puts into the text-encoder model
+    comfy_map = comfy.lora.model_lora_keys_clip(type("TE", (), {"state_dict": staticmethod(lambda: loaded)})(), {})
+    assert len(small_map) >= 6 and set(small_map) <= set(comfy_map)
+    for name, key in small_map.items():
+        torch.testing.assert_close(weights.get(key), loaded[comfy_map[name]], rtol=0, atol=0, msg=name)
