@@ -10,7 +10,10 @@ own classes (real key names and layout, small widths):
   named after it, each equal to the dense float64 reference against its own expert, the source's
   bases computed once (without a basis cache too);
 * shapes that cannot match (Wan 14B LoRA and bases onto Wan 1.3B): one message naming both detected
-  models and their sizes, from the CLI and from the files node.
+  models and their sizes, from the CLI and from the files node;
+* text encoders a checkpoint carries: an SD1.5-layout checkpoint's ``cond_stage_model.…`` with
+  ``copy`` parity under ``comfy.sd.load_lora_for_models``, and SDXL's CLIP-L and OpenCLIP-G (q/k/v on
+  row slices of ``in_proj_weight``) against what ComfyUI's checkpoint loader loads.
 """
 from __future__ import annotations
 
