@@ -1,32 +1,23 @@
 """Transfer LoRA (files): stream source and target weights from disk, write each transferred LoRA
-next to its input in models/loras, named after the target. Neither model is loaded for sampling;
-ComfyUI's own key maps name the modules."""
+next to its input in models/loras, named after the target (several targets: one output each).
+Neither model is loaded for sampling; ComfyUI's own key maps name the modules
+(``prolora_host.detect_model``). The steps are :func:`prolora_core.file_transfer.transfer_files`,
+shared with the CLI."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import comfy.lora
-import comfy.model_detection
-import comfy.supported_models
-import comfy.utils
 import folder_paths
-import torch
 from comfy_api.latest import io
 
 from ..prolora_core.cache import DEFAULT_MAX_GB, BasisCache
 from ..prolora_core.config import default_threads
 from ..prolora_core.errors import ProLoRAError
-from ..prolora_core.lora import read_lora
+from ..prolora_core.file_transfer import transfer_files
 from ..prolora_core.outputs import DEFAULT_PATTERN, free_path, output_stem
 from ..prolora_core.projection import MODES
-from ..prolora_core.provenance import output_metadata
-from ..prolora_core.report import format_summary
-from ..prolora_core.safetensors_io import atomic_save
-from ..prolora_core.slices import parse_place, place_key
-from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, Planned, TransferConfig, transfer
-from ..prolora_core.gguf_weights import GGUFWeights
-from ..prolora_core.weights import SafetensorsWeights, open_weights
+from ..prolora_core.transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, TransferConfig
+from ..prolora_host import detect_model
 from .bridge import cache_dir, check_interrupt, engine_device, progress
 from .transfer_nodes import CATEGORY, PREFIX
 
@@ -48,47 +39,6 @@ def resolve_model_file(entry: str) -> Path:
     if path is None:
         raise ProLoRAError("not found in models/checkpoints or models/diffusion_models", file=entry)
     return Path(path)
-
-
-def file_key_map(weights: SafetensorsWeights | GGUFWeights) -> dict[str, str]:
-    """LoRA module name → weight key in the file, or the virtual key of a slice of one
-    (``prolora_core.slices``), through ComfyUI's own ``model_lora_keys_unet``.
-
-    The model type comes from ComfyUI's detection on the file's shapes (meta tensors, nothing is
-    loaded), or from a ``prolora.unet_config`` in the metadata (the pack's tiny models). The map is
-    built on a real model object of that class on the meta device (no weight memory), so every
-    family branch of ``model_lora_keys_unet`` applies (Flux's q/k/v slices of the fused ``qkv``,
-    SD3, …). Entries whose weight the file lacks, and targets the engine cannot serve (a function
-    other than ``swap_scale_shift`` applied to the update), are left out: their modules are reported
-    unmapped."""
-    meta_sd = {k: torch.empty(weights.shape(k), device="meta") for k in weights.keys()}
-    prefix = comfy.model_detection.unet_prefix_from_state_dict(meta_sd)
-    prefix = prefix if any(k.startswith(prefix) for k in meta_sd) else ""  # a diffusion model alone (ComfyUI's loader does the same)
-    meta = weights.metadata
-    if "prolora.unet_config" in meta:
-        prefix = meta.get("prolora.key_prefix", prefix)
-        kind = getattr(comfy.supported_models, meta.get("prolora.model_kind", "SD15"))
-        config = kind(json.loads(meta["prolora.unet_config"]))
-    else:
-        try:
-            config = comfy.model_detection.model_config_from_unet(meta_sd, prefix)
-        except Exception as e:  # detection reads shapes of keys a foreign file may lack
-            raise ProLoRAError(f"ComfyUI cannot detect the model type ({type(e).__name__}: {e})", file=weights.path) from None
-        if config is None:
-            raise ProLoRAError("ComfyUI cannot detect the model type of this file", file=weights.path)
-    model = config.get_model({}, "", device=torch.device("meta"))
-    file_keys = set(weights.keys())
-    out: dict[str, str] = {}
-    for name, target in comfy.lora.model_lora_keys_unet(model, {}).items():
-        place = place_key(target, comfy.utils.swap_scale_shift)
-        piece = parse_place(place) if place is not None else None
-        whole = piece.key if piece is not None else place
-        if whole is None or not whole.startswith("diffusion_model."):
-            continue
-        key = prefix + whole[len("diffusion_model."):]
-        if key in file_keys:
-            out[name] = piece.on(key).virtual_key if piece is not None else key
-    return out
 
 
 class TransferLoRAFiles(io.ComfyNode):
@@ -118,6 +68,9 @@ class TransferLoRAFiles(io.ComfyNode):
                 io.Float.Input("cache_max_gb", default=DEFAULT_MAX_GB, min=0.0, max=4096.0, step=0.5, optional=True,
                                tooltip="Size limit of the basis cache (ComfyUI user folder): after the run the least recently used bases are "
                                        "removed until it fits. 0 keeps no bases. Clear it with the ProLoRA Cache node."),
+                io.String.Input("more_targets", default="", multiline=True, optional=True,
+                                tooltip="Further target models (folder/name as in target_model), one per line, e.g. Wan 2.2's second expert: "
+                                        "one output per LoRA and target, named after the target; the source's bases are computed once."),
             ],
             outputs=[
                 io.String.Output(display_name="lora_names", tooltip="Saved file names (one per line), as core 'Load LoRA' lists them."),
@@ -127,46 +80,36 @@ class TransferLoRAFiles(io.ComfyNode):
 
     @classmethod
     def execute(cls, source_model: str, target_model: str, lora_name: str, more_loras: str, mode: str, subspace_rank: int,
-                threshold: float, pairing: str, filename_pattern: str, device: str, threads: int = 0, cache_max_gb: float = DEFAULT_MAX_GB) -> io.NodeOutput:
-        names = [lora_name] + [n.strip() for n in more_loras.splitlines() if n.strip()]
+                threshold: float, pairing: str, filename_pattern: str, device: str, threads: int = 0, cache_max_gb: float = DEFAULT_MAX_GB,
+                more_targets: str = "") -> io.NodeOutput:
+        names = [lora_name] + _lines(more_loras)
         paths = []
         for n in names:
             p = folder_paths.get_full_path("loras", n)
             if p is None:
                 raise ProLoRAError("not found in models/loras", file=n)
             paths.append(Path(p))
+        targets = list(dict.fromkeys([target_model] + _lines(more_targets)))
         config = TransferConfig(mode=mode, subspace_rank=subspace_rank or None, threshold=threshold, pairing=pairing, device=engine_device(device),
                                 cpu_threads=threads or default_threads())
-        stems = [output_stem(filename_pattern, p, target_model, source_model, mode) for p in paths]
+        stems = [[output_stem(filename_pattern, p, t, source_model, mode) for t in targets] for p in paths]
+        if len(targets) > 1 and len({s for row in stems for s in row}) < len(paths) * len(targets):
+            raise ProLoRAError(f"the file name pattern {filename_pattern!r} gives two outputs the same name: with several targets it needs {{target}}")
         cache = BasisCache(cache_dir(), config.basis)
-        source = open_weights(resolve_model_file(source_model), cache.memo_dir)
-        target = open_weights(resolve_model_file(target_model), cache.memo_dir)
-        key_map = file_key_map(source)
-        loras = [read_lora(p) for p in paths]
-        plan = [Planned(i, mod, key_map.get(mod.name)) for i, lora in enumerate(loras) for mod in lora.modules.values()]
-        for i, lora in enumerate(loras):
-            if all(p.source_key is None for p in plan if p.lora_index == i):
-                raise ProLoRAError(f"none of the LoRA's modules maps onto {source.label}: is it a LoRA for another base model?", file=lora.path)
-        results, stats = transfer(loras, plan, source, target, config, cache, progress(len(plan)), check_interrupt)
-        source.save_memo()
-        target.save_memo()
+        run = transfer_files(resolve_model_file(source_model), [resolve_model_file(t) for t in targets], paths, config,
+                             lambda li, ti: free_path(paths[li].parent, stems[li][ti]), detect=detect_model, need_detect=True, cache=cache,
+                             progress=progress(1), check_interrupt=check_interrupt,
+                             on_saved=lambda out: f"  saved as {lora_list_name(out)}")
         evicted = cache.limit(cache_max_gb)
-        saved, lines = [], [(f"ProLoRA {mode}, pairing {pairing}: {source.label} → {target.label}; bases computed {stats.svd_computed}, "
-                             f"from cache {stats.bases_from_cache}; CPU threads {config.threads}")]
-        for result, path, stem in zip(results, paths, stems):
-            s = result.summary()
-            lines += format_summary(path.name, s, threshold)
-            if s["transferred"] == 0:
-                lines.append("  nothing written")
-                continue
-            out = free_path(path.parent, stem)
-            atomic_save(result.tensors, out, output_metadata(result, source.label, target.label, config))
-            saved.append(lora_list_name(out))
-            lines.append(f"  saved as {saved[-1]}")
-        lines.append(cache.describe(cache_max_gb) + (f"; removed the {evicted} least recently used" if evicted else ""))
+        lines = run.lines + [cache.describe(cache_max_gb) + (f"; removed the {evicted} least recently used" if evicted else "")]
+        saved = [lora_list_name(p) for p in run.written]
         if not saved:
             raise ProLoRAError("no module could be transferred:\n" + "\n".join(lines))
         return io.NodeOutput("\n".join(saved), "\n".join(lines), ui={"text": lines})
+
+
+def _lines(text: str) -> list[str]:
+    return [n.strip() for n in text.splitlines() if n.strip()]
 
 
 def lora_list_name(path: Path) -> str:

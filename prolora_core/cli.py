@@ -1,10 +1,12 @@
 """Command line: ``python -m prolora_core {transfer,similarity,inspect,cache}``.
 
-Scope: base files are safetensors, or GGUF (ComfyUI-GGUF's naming, dequantized per tensor), whose
-module weights are ``<module>.weight``; LoRA module names are matched to them directly, through a known prefix (``diffusion_model.``,
-``model.diffusion_model.``, ``unet.``) or through kohya's underscore naming. LoRAs named in another
-scheme than their checkpoint (kohya diffusers-style names on an LDM checkpoint) need the ComfyUI
-nodes, which use ComfyUI's own key mapping.
+Scope: base files are safetensors, or GGUF (ComfyUI-GGUF's naming, dequantized per tensor).
+``transfer`` runs :func:`prolora_core.file_transfer.transfer_files`, the path the Transfer LoRA (files)
+node runs too. When the ComfyUI host can be imported (``.comfyui`` beside the pack, or
+$PROLORA_COMFYUI_DIR), LoRA modules are placed by ComfyUI's own key maps for the model it detects in the
+source file (``prolora_host.py``), text encoders a checkpoint carries included; otherwise, or with
+``--key-map names``, a module pairs with ``<module>.weight`` directly, through a known prefix
+(``diffusion_model.``, ``model.diffusion_model.``, ``unet.``) or through kohya's underscore naming.
 """
 from __future__ import annotations
 
@@ -22,14 +24,13 @@ from .cache import DEFAULT_MAX_GB, BasisCache, default_cache_dir
 from .casa import CasaSettings
 from .config import default_threads
 from .errors import ProLoRAError
-from .lora import LoraFile, read_lora
+from .file_transfer import DetectedModel, DetectFn, transfer_files
+from .lora import read_lora
 from .names import BaseIndex
 from .outputs import DEFAULT_PATTERN, free_path, output_stem
 from .projection import MODES
-from .provenance import output_metadata
-from .report import format_summary, is_text_encoder_module
-from .safetensors_io import atomic_save, atomic_write, check_output_path
-from .transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, ModuleReport, TransferConfig, plan_by_names, transfer
+from .safetensors_io import atomic_write, check_output_path
+from .transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, TransferConfig
 from .weights import open_weights
 
 EXIT_ERROR = 2
@@ -42,12 +43,6 @@ def _err(msg: str) -> None:
 
 def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
-
-
-def _first(items: Sequence[str], limit: int = 5) -> str:
-    """The first ``limit`` items, and how many more there are (the report lists them all)."""
-    more = f" and {len(items) - limit} more (--report lists them all)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
 
 
 class _Progress:
@@ -110,44 +105,55 @@ def _quantized_note(*bases: object) -> dict[str, list[str]]:
     return out
 
 
-def _outputs(args: argparse.Namespace, paths: list[Path], inputs: list[str | Path]) -> list[Path]:
-    """``--out``, else each LoRA's name from ``--name-pattern`` (or ``<lora><--suffix>``) in
-    ``--out-dir`` or next to the LoRA, with a numbered suffix rather than over an existing file."""
+def _outputs(args: argparse.Namespace, paths: list[Path], inputs: list[str | Path]) -> list[list[Path]]:
+    """Per LoRA, per target: ``--out``, else the LoRA's name from ``--name-pattern`` (or
+    ``<lora><--suffix>``) in ``--out-dir`` or next to the LoRA, with a numbered suffix rather than
+    over an existing file."""
     if args.out:
-        return [check_output_path(args.out, inputs)]
+        return [[check_output_path(args.out, inputs)]]
     pattern = "{lora}" + args.suffix if args.suffix is not None else args.name_pattern
     if args.out_dir and not Path(args.out_dir).is_dir():
         raise ProLoRAError("output folder does not exist", file=Path(args.out_dir))
-    return [check_output_path(free_path(Path(args.out_dir) if args.out_dir else p.parent, output_stem(pattern, p, args.target_base, args.source_base,
-                                                                                                        args.mode)), inputs) for p in paths]
+    return [[check_output_path(free_path(Path(args.out_dir) if args.out_dir else p.parent, output_stem(pattern, p, t, args.source_base, args.mode)),
+                               inputs) for t in args.target_base] for p in paths]
 
 
-def _not_mapped_warnings(plan: list, loras: list[LoraFile], source_label: str, strict: bool) -> None:
-    """One warning per reason for LoRA modules without a weight in the source base."""
-    missing = [p for p in plan if p.source_key is None]
-    te = [p for p in missing if is_text_encoder_module(p.module.name)]
-    other = [p for p in missing if not is_text_encoder_module(p.module.name)]
-    for group, msg in ((other, f"{len(other)} LoRA modules have no weight in {source_label}"),
-                       (te, (f"{len(te)} text-encoder modules are left out: text-encoder names are not mapped from files yet "
-                             "(the ComfyUI nodes map them, with a CLIP connected to Compute Basis)"))):
-        if not group:
-            continue
-        msg += ": " + _first([f"'{p.module.name}'" for p in group])
-        if strict:
-            raise ProLoRAError(msg + " (--strict)", file=loras[group[0].lora_index].path)
-        _warn(msg)
+def _detector(choice: str) -> DetectFn | None:
+    """ComfyUI's reading of the base files (``prolora_host.detect_model``: the detected family and
+    ComfyUI's LoRA key map for it) when the ComfyUI host can be imported; ``None``: pair by weight
+    names. ``choice``: ``auto`` (the host when importable, else names), ``comfyui`` (the host, or an
+    error), ``names``."""
+    if choice == "names":
+        return None
+    try:
+        import prolora_host  # beside prolora_core in the pack; imports ComfyUI only in ensure_host()
 
+        ready = prolora_host.ensure_host()
+    except Exception as e:  # noqa: BLE001 (a ComfyUI that fails to import is reported, then names are used)
+        ready, why = False, f"{type(e).__name__}: {e}"
+    else:
+        why = f"no ComfyUI in {prolora_host.comfyui_dir()} (set PROLORA_COMFYUI_DIR)"
+    if not ready:
+        if choice == "comfyui":
+            raise ProLoRAError(f"--key-map comfyui: the ComfyUI host cannot be imported ({why})")
+        print(f"[prolora] ComfyUI's key maps are not available ({why}): LoRA modules are placed by weight names", file=sys.stderr)
+        return None
 
-def _why(m: ModuleReport) -> str:
-    """A skipped module's reason, with its best candidate and Φ rounded for reading."""
-    best = f"; best candidate {m.candidate}, Φ {m.candidate_phi:.2f}" if m.candidate is not None and m.candidate_phi is not None else ""
-    return m.reason + best
+    def detect(weights: object) -> DetectedModel | None:
+        try:
+            return prolora_host.detect_model(weights)
+        except Exception as e:  # noqa: BLE001 (ComfyUI's detection on a file it does not know)
+            print(f"[prolora] ComfyUI cannot read {getattr(weights, 'label', weights)} ({type(e).__name__}: {e})", file=sys.stderr)
+            return None
+
+    return detect
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
     paths = _lora_paths(args.lora)
-    if len(paths) > 1 and args.out:
-        raise ProLoRAError("several LoRAs need --out-dir (a folder) or no --out (each is written next to its input), not --out")
+    for many, what in ((len(paths) > 1, "LoRAs"), (len(args.target_base) > 1, "targets")):
+        if many and args.out:
+            raise ProLoRAError(f"several {what} need --out-dir (a folder) or no --out (each output is written next to its LoRA), not --out")
     settings = _basis_settings(args)
     threads = args.threads if args.threads is not None else default_threads()
     config = TransferConfig(mode=args.mode, subspace_rank=args.subspace_rank, threshold=args.threshold, pairing=args.pairing,
@@ -156,74 +162,56 @@ def cmd_transfer(args: argparse.Namespace) -> int:
                             casa=CasaSettings(args.casa_energy, args.casa_tau, args.casa_rho, args.casa_quantile))
     if args.cache_max_mb is not None and args.cache_max_mb < 0:
         raise ProLoRAError(f"--cache-max-mb must not be negative, got {args.cache_max_mb}")
-    inputs = [args.source_base, args.target_base, *paths]
+    inputs = [args.source_base, *args.target_base, *paths]
     outs = _outputs(args, paths, inputs)
     seen: dict[Path, Path] = {}
-    for lora_path, out in zip(paths, outs):
-        if out.resolve() in seen:
-            raise ProLoRAError(f"two LoRAs would be written to the same output (the other is {seen[out.resolve()]}); rename one", file=lora_path)
-        seen[out.resolve()] = lora_path
+    for lora_path, row in zip(paths, outs):
+        for out in row:
+            if out.resolve() in seen:
+                what = "two LoRAs would be written to the same output" if seen[out.resolve()] != lora_path else \
+                    "two targets would be written to the same output (use a --name-pattern with {target})"
+                raise ProLoRAError(f"{what} {out} (the other is for {seen[out.resolve()]}); rename one", file=lora_path)
+            seen[out.resolve()] = lora_path
     if args.report:
         report_path = check_output_path(args.report, inputs)
         if report_path.resolve() in seen:
             raise ProLoRAError("the report would overwrite the output LoRA; choose another --report name", file=report_path)
     cache = _cache(args, settings)
-    memo = cache.memo_dir if cache is not None else None
-    source = open_weights(args.source_base, memo)
-    target = open_weights(args.target_base, memo)
-    quantized = _quantized_note(source, target)
-    loras: list[LoraFile] = [read_lora(p) for p in paths]
-    for lora in loras:
-        if lora.unknown_keys:
-            _warn(f"{lora.path}: {len(lora.unknown_keys)} keys are not used: " + _first([f"{k} ({lora.unused[k]})" for k in lora.unknown_keys]))
-    plan = plan_by_names(loras, source)
-    _not_mapped_warnings(plan, loras, source.label, args.strict)
-    results, stats = transfer(loras, plan, source, target, config, cache, progress=_Progress("module"))
-    source.save_memo()
-    target.save_memo()
-    if cache is not None:
-        max_mb = args.cache_max_mb if args.cache_max_mb is not None else DEFAULT_MAX_GB * 1024
-        evicted = cache.evict(int(max_mb * 2**20))
-        if evicted:
-            print(f"[prolora] cache over {max_mb:g} MB: removed the {evicted} least recently used bases", file=sys.stderr)
-    print(f"ProLoRA {config.mode}, pairing {config.pairing}: {source.label} → {target.label}; bases computed {stats.svd_computed}, "
-          f"from cache {stats.bases_from_cache}; CPU threads {threads}")
-    all_modules: list[ModuleReport] = []
-    any_done = False
-    for result, out in zip(results, outs):
-        summary = result.summary()
-        all_modules += result.modules
-        print("\n".join(format_summary(result.lora.path.name, summary, config.threshold)))
-        if summary["transferred"] == 0:
-            _warn(f"{result.lora.path}: no module could be transferred; nothing written for it")
-            continue
-        any_done = True
-        meta = output_metadata(result, source.label, target.label, config)
-        atomic_save(result.tensors, out, meta)
-        print(f"wrote {out}", file=sys.stderr)
-        skipped = [m for m in result.modules if not m.transferred and m.source_key is not None]
-        if skipped:
-            _warn(f"{len(skipped)} modules not transferred: " + _first([f"{m.source} ({_why(m)})" for m in skipped]))
+    max_mb = args.cache_max_mb if args.cache_max_mb is not None else DEFAULT_MAX_GB * 1024
+
+    def wrote(path: Path) -> None:
+        print(f"wrote {path}", file=sys.stderr)
+
+    run = transfer_files(args.source_base, args.target_base, paths, config, lambda li, ti: outs[li][ti], detect=_detector(args.key_map),
+                         cache=cache, cache_max_bytes=int(max_mb * 2**20) if cache is not None else None, progress=_Progress("module"),
+                         say=print, warn=_warn, note=lambda line: print(line, file=sys.stderr), on_saved=wrote, listed_in="--report")
+    if run.evicted:
+        print(f"[prolora] cache over {max_mb:g} MB: removed the {run.evicted} least recently used bases", file=sys.stderr)
     if args.report:
+        one = len(run.targets) == 1
+        stats = [t.stats for t in run.targets]
         report = {
-            "modules": [m.as_dict() for m in all_modules],
+            "modules": [m.as_dict() for m in run.modules],
             "summary": {
-                "mode": config.mode, "threshold": config.threshold, "pairing": config.pairing,
-                "subspace_rank": config.subspace_rank, "source_base": source.label, "target_base": target.label,
-                "loras": {str(r.lora.path): r.summary() for r in results},
-                "unused": {str(r.lora.path): r.lora.unused for r in results},
-                "transferred": sum(m.transferred for m in all_modules), "modules": len(all_modules),
-                "svd_computed": stats.svd_computed, "bases_from_cache": stats.bases_from_cache, "seconds": round(stats.seconds, 4),
-                "worst_subspace_change": stats.worst_subspace_change, "quantized_bases": quantized, "save_dtype": args.save_dtype,
-                "deterministic": settings.deterministic, "threads": config.threads, "outputs": [str(o) for o in outs],
+                "mode": config.mode, "threshold": config.threshold, "pairing": config.pairing, "key_map": run.naming,
+                "subspace_rank": config.subspace_rank, "source_base": run.source.label,
+                "target_base": run.targets[0].target.label if one else [t.target.label for t in run.targets],
+                "loras": {str(r.lora.path): r.summary() for r in run.targets[0].results} if one else
+                         {t.target.label: {str(r.lora.path): r.summary() for r in t.results} for t in run.targets},
+                "unused": {str(lora.path): lora.unused for lora in run.loras},
+                "transferred": sum(m.transferred for m in run.modules), "modules": len(run.modules),
+                "svd_computed": sum(s.svd_computed for s in stats), "bases_from_cache": sum(s.bases_from_cache for s in stats),
+                "seconds": round(sum(s.seconds for s in stats), 4), "worst_subspace_change": max(s.worst_subspace_change for s in stats),
+                "quantized_bases": run.quantized, "save_dtype": args.save_dtype,
+                "deterministic": settings.deterministic, "threads": config.threads, "outputs": [str(o) for row in outs for o in row],
             },
         }
         atomic_write(args.report, json.dumps(report, indent=2, sort_keys=True).encode())
     if cache is not None:
         print(cache.describe(args.cache_max_mb / 1024 if args.cache_max_mb is not None else DEFAULT_MAX_GB))
-    if not any_done:
-        names = ", ".join(str(r.lora.path) for r in results)
-        _err(f"{names}: no module could be transferred to {target.label} (see the warnings above)")
+    if not run.written:
+        names = ", ".join(str(lora.path) for lora in run.loras)
+        _err(f"{names}: no module could be transferred to {', '.join(t.target.label for t in run.targets)} (see the warnings above)")
         return EXIT_NOTHING
     return 0
 
@@ -307,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("transfer", help="transfer LoRA(s) from a source base to a target base")
     t.add_argument("--source-base", required=True, help="safetensors or .gguf file of the base the LoRA was trained on")
-    t.add_argument("--target-base", required=True, help="safetensors or .gguf file of the base to transfer to")
+    t.add_argument("--target-base", required=True, action="append", help="safetensors or .gguf file of the base to transfer to; repeat it "
+                   "for several targets (Wan 2.2's two experts): one output per LoRA and target, named after the target, source bases computed once")
     t.add_argument("--lora", required=True, action="append", help="LoRA safetensors file or folder (repeatable)")
     t.add_argument("--out", help="output file (one LoRA); default: next to each LoRA, named by --name-pattern")
     t.add_argument("--out-dir", help="output folder instead of each LoRA's own folder; files are named by --name-pattern")
@@ -326,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--casa-rho", type=float, default=d.rho, help=f"casa: density quantile ρ above which a group is protected (default {d.rho})")
     t.add_argument("--casa-quantile", type=float, default=d.arbitrate_q, help=f"casa: score quantile above which entries are arbitrated (default {d.arbitrate_q})")
     t.add_argument("--rescale", action="store_true", help="rescale each transferred module to its source norm")
+    t.add_argument("--key-map", choices=("auto", "comfyui", "names"), default="auto",
+                   help="how LoRA modules are placed on base weights: ComfyUI's own key map for the model it detects in the source file "
+                   "(comfyui; auto uses it when ComfyUI can be imported and recognises the file), or <module>.weight names (names)")
     t.add_argument("--strict", action="store_true", help="a LoRA module without a base weight is an error")
     t.add_argument("--report", help="write the per-module report as JSON")
     t.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default="keep",

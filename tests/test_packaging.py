@@ -37,7 +37,7 @@ def _pack_imports() -> set[str]:
                 found |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 found.add(node.module.split(".")[0])
-    return found - set(sys.stdlib_module_names)
+    return found - set(sys.stdlib_module_names) - {p.stem for p in ROOT.glob("*.py")}  # the pack's own top-level modules (prolora_host)
 
 
 def test_registry_metadata() -> None:
