@@ -219,3 +219,26 @@ def tiny_clip(seed: int = 0) -> CLIP:
     })
     init_parameters_(clip.cond_stage_model, seed)
     return clip
+
+
+def run_node(nodes_by_id: dict[str, Any], node_id: str, **kwargs: Any) -> tuple:
+    """Run one of the pack's V3 nodes in-process; its outputs as a tuple."""
+    return tuple(nodes_by_id[node_id].execute(**kwargs).args)
+
+
+def applied_by_comfyui(model: ModelPatcher, lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's weights after ComfyUI's own LoRA loader (core "Load LoRA Model") applied ``lora``."""
+    from comfy_extras.nodes_train import LoraModelLoader
+
+    (patched,) = LoraModelLoader.execute(model=model, lora=lora, strength_model=1.0).args
+    return unet_weights(patched, patched=True)
+
+
+def lora_delta(lora: dict[str, torch.Tensor], name: str, kohya_scale: float) -> Any:
+    """A module's ΔW in float64 numpy: PEFT ``lora_A``/``lora_B`` at scale 1 (no alpha), else kohya
+    ``lora_down``/``lora_up`` at ``kohya_scale`` (alpha / rank)."""
+    if f"{name}.lora_A.weight" in lora:
+        down, up, scale = lora[f"{name}.lora_A.weight"], lora[f"{name}.lora_B.weight"], 1.0
+    else:
+        down, up, scale = lora[f"{name}.lora_down.weight"], lora[f"{name}.lora_up.weight"], kohya_scale
+    return scale * (up.double().numpy() @ down.double().numpy())

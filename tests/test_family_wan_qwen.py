@@ -151,23 +151,14 @@ def make_lora(model: Any, layout: str, seed: int = 1, scale: float = 0.1) -> dic
 
 
 def dense(lora: dict[str, torch.Tensor], name: str) -> np.ndarray:
-    if f"{name}.lora_A.weight" in lora:
-        down, up, scale = lora[f"{name}.lora_A.weight"], lora[f"{name}.lora_B.weight"], 1.0
-    else:
-        down, up, scale = lora[f"{name}.lora_down.weight"], lora[f"{name}.lora_up.weight"], ALPHA / RANK
-    return scale * (up.double().numpy() @ down.double().numpy())
+    """The module's ΔW in float64 (numpy), scale alpha/r (1 without alpha)."""
+    return comfy_host.lora_delta(lora, name, ALPHA / RANK)
 
 
-def applied(model: Any, lora: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's weights after ComfyUI's own loader (core "Load LoRA Model") applied ``lora``."""
-    from comfy_extras.nodes_train import LoraModelLoader
-
-    (patched,) = LoraModelLoader.execute(model=model, lora=lora, strength_model=1.0).args
-    return comfy_host.unet_weights(patched, patched=True)
+applied = comfy_host.applied_by_comfyui
 
 
-def _run(nodes_by_id: dict[str, Any], node_id: str, **kwargs: Any) -> tuple:
-    return tuple(nodes_by_id[node_id].execute(**kwargs).args)
+_run = comfy_host.run_node
 
 
 def basis(nodes_by_id: dict[str, Any], model: Any, cache: bool = False) -> Any:
