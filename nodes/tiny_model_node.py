@@ -20,7 +20,8 @@ from ..prolora_core.errors import ProLoRAError
 from ..prolora_core.safetensors_io import SafetensorsReader
 from .transfer_nodes import CATEGORY, PREFIX
 
-KINDS = {"SD15": comfy.supported_models.SD15, "SDXL": comfy.supported_models.SDXL}
+KINDS = {"SD15": comfy.supported_models.SD15, "SDXL": comfy.supported_models.SDXL, "Flux": comfy.supported_models.Flux,
+         "Chroma": comfy.supported_models.Chroma}
 
 
 def load_tiny_model(path: str | Path) -> Any:
