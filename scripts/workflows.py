@@ -35,7 +35,7 @@ MIN_SIZE = {"ProLoRAMatchModules": (480, 460), "ProLoRACompare": (440, 470), "Pr
             "SaveImage": (300, 320), "PreviewAny": (360, 200), "ProLoRATransferLoRAFiles": (440, 0)}
 NOTE_COLOR, NOTE_BG = "#432", "#653"
 GROUP_COLORS = ["#3f789e", "#8A8", "#a1309b", "#b58b2a", "#88A", "#444"]
-VIEW_SCALE = 0.9  # the zoom a dragged-in workflow opens at
+VIEW_SCALE = 0.8  # the zoom a dragged-in workflow opens at: models, transfer and compare in view on a 1800 × 1000 window
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,8 @@ class Graph:
             note_h = 30 + 21 * lines if group.note else 0
             extents.append((max(w, note_w), h, note_w, note_h))
         positions: dict[int, tuple[int, int]] = {}
-        boxes, notes = [], []
+        boxes: dict[int, tuple[int, int, int, int]] = {}
+        notes = []
         y_row, x = 40, 40
         row_of = [g.row for g in (self.groups or [Group("", "", 0)])]
         for row in sorted(set(row_of)):
@@ -203,11 +204,11 @@ class Graph:
                 if note_h and gi < len(self.groups):
                     notes.append((self.groups[gi].note, (x + PAD, y_row + TITLE_H + NODE_TITLE_H, note_w, note_h)))
                 box = (x, y_row, w + 2 * PAD, top + h + PAD - y_row)
-                boxes.append(box)
+                boxes[gi] = box
                 x += box[2] + 2 * GAP
                 row_h = max(row_h, box[3])
             y_row += row_h + 2 * GAP
-        return positions, boxes[: len(self.groups)], notes
+        return positions, [boxes[gi] for gi in range(len(self.groups))], notes
 
 
 # --------------------------------------------------------------------------------------
@@ -292,14 +293,14 @@ def side_by_side() -> Graph:
                  rescale_to_source_norm=False)
     proj_unrel = g.add("ProLoRAProjectLoRA", title="Project LoRA: unrelated", lora=demo[2], match=match_unrel[0], mode="prolora-full",
                        out_rank=0, rescale_to_source_norm=False)
-    g.group("3 · sample each branch", SAMPLE_NOTE, row=1, arrange="lanes")
+    g.group("4 · sample each branch (for the grid in 3)", SAMPLE_NOTE, row=1, arrange="lanes")
     branches = [Branch("source + LoRA", demo[0], demo[2]), Branch("target, no LoRA", demo[1]), Branch("target + ProLoRA", demo[1], proj[0]),
                 Branch("target + copy", demo[1], copy[0]), Branch("target + trained", demo[1], demo[3]),
                 Branch("unrelated + ProLoRA", other[1], proj_unrel[0])]
     images = _sample_branches(g, branches, cond, latent)
-    g.group("4 · compare", "**Look at** the grid: a good transfer looks like *source + LoRA* in the target's own style, and like "
+    g.group("3 · compare (branches sampled in 4, below)", "**Look at** the grid: a good transfer looks like *source + LoRA* in the target's own style, and like "
             "*target + trained*. Drag the slider in Compare to flip between two columns. The report shows Φ per module and the "
-            "LoRA's norm before and after.", row=2, arrange="lanes")
+            "LoRA's norm before and after.", row=0, arrange="lanes")
     _compare(g, images, [b.label for b in branches], "prolora_demo/grid", lane=0)
     report = g.add("ProLoRAReportImage", lane=1, match=match[0], lora=proj[0])
     g.add("SaveImage", title="Save report", lane=1, images=report[0], filename_prefix="prolora_demo/report")
@@ -317,19 +318,19 @@ def several_loras() -> Graph:
     disc = g.add("ProLoRADemoConditioning", title="prompt: disc", prompt="disc")
     ring = g.add("ProLoRADemoConditioning", title="prompt: red ring", prompt="red ring")
     g.group("2 · transfer (one match, several LoRAs)", "One pair of bases and one match over all modules serve every LoRA: add a "
-            "Project LoRA per LoRA. Each result is saved into models/loras/prolora/ (core *Load LoRA* lists it).")
-    b_src = g.add("ProLoRAComputeBasis", model=style[0], subspace_rank=0, device="auto", use_cache=True, name="zoo source")
-    b_tgt = g.add("ProLoRAComputeBasis", model=style[1], subspace_rank=0, device="auto", use_cache=True, name="zoo gentle descendant")
-    match = g.add("ProLoRAMatchModules", title="Match Modules (all modules, shared)", source_basis=b_src[0], target_basis=b_tgt[0],
+            "Project LoRA per LoRA. Each result is saved into models/loras/prolora/ (core *Load LoRA* lists it).", arrange="lanes")
+    b_src = g.add("ProLoRAComputeBasis", lane=0, model=style[0], subspace_rank=0, device="auto", use_cache=True, name="zoo source")
+    b_tgt = g.add("ProLoRAComputeBasis", lane=0, model=style[1], subspace_rank=0, device="auto", use_cache=True, name="zoo gentle descendant")
+    match = g.add("ProLoRAMatchModules", title="Match Modules (all modules, shared)", lane=1, source_basis=b_src[0], target_basis=b_tgt[0],
                   threshold=0.8, pairing="name")
     projected = {}
-    for name, demo in (("style", style), ("concept", concept)):
-        proj = g.add("ProLoRAProjectLoRA", title=f"Project LoRA: {name}", lora=demo[2], match=match[0], mode="prolora-full", out_rank=0,
+    for name, demo in (("style", style), ("concept", concept)):  # each LoRA's projection above its save, in one column
+        proj = g.add("ProLoRAProjectLoRA", title=f"Project LoRA: {name}", lane=2, lora=demo[2], match=match[0], mode="prolora-full", out_rank=0,
                      rescale_to_source_norm=False)
-        g.add("ProLoRASaveLoRA", title=f"Save LoRA: {name}", lora=proj[0], filename=f"prolora/zoo_{name}_to_gentle_descendant", key_format="as input",
+        g.add("ProLoRASaveLoRA", title=f"Save LoRA: {name}", lane=2, lora=proj[0], filename=f"prolora/zoo_{name}_to_gentle_descendant", key_format="as input",
               overwrite=True)
         projected[name] = proj
-    g.group("3 · sample each branch", SAMPLE_NOTE, row=1, arrange="lanes")
+    g.group("4 · sample each branch (for the grid in 3)", SAMPLE_NOTE, row=1, arrange="lanes")
     images, labels, lane = [], [], 0
     for name, demo, cond in (("style", style, disc), ("concept", concept, ring)):
         for branch in (Branch(f"{name}: target", demo[1]), Branch(f"{name}: target + ProLoRA", demo[1], projected[name][0])):
@@ -339,8 +340,8 @@ def several_loras() -> Graph:
                 n.lane = lane
             labels.append(branch.label)
             lane += 1
-    g.group("4 · compare", "**Look at** the grid: the style LoRA draws yellow diagonal stripes, the concept LoRA a red ring under "
-            "its prompt; both should appear on the target once transferred.", row=1, arrange="lanes")
+    g.group("3 · compare (branches sampled in 4, below)", "**Look at** the grid: the style LoRA draws yellow diagonal stripes, the concept LoRA a red ring under "
+            "its prompt; both should appear on the target once transferred.", row=0, arrange="lanes")
     _compare(g, images, labels, "prolora_several/grid", lane=0)
     return g
 
@@ -371,13 +372,13 @@ def pruned_target() -> Graph:
                       out_rank=0, rescale_to_source_norm=False)
     copy = g.add("ProLoRAProjectLoRA", title="Project LoRA: copy (baseline)", lora=demo[2], match=by_name[0], mode="copy", out_rank=0,
                  rescale_to_source_norm=False)
-    g.group("3 · sample each branch", SAMPLE_NOTE, row=1, arrange="lanes")
+    g.group("4 · sample each branch (for the grid in 3)", SAMPLE_NOTE, row=1, arrange="lanes")
     branches = [Branch("source + LoRA", demo[0], demo[2]), Branch("B, no LoRA", demo[1]), Branch("B + ProLoRA (sim.)", demo[1], proj_sim[0]),
                 Branch("B + ProLoRA (name)", demo[1], proj_name[0]), Branch("B + copy", demo[1], copy[0]),
                 Branch("B + trained", demo[1], demo[3])]
     images = _sample_branches(g, branches, cond, latent)
-    g.group("4 · compare", "**Look at** the grid: the red ring of *source + LoRA* should appear on B; the similarity-paired transfer "
-            "comes closest to *B + trained* over the protocol's samples.", row=2, arrange="lanes")
+    g.group("3 · compare (branches sampled in 4, below)", "**Look at** the grid: the red ring of *source + LoRA* should appear on B; the similarity-paired transfer "
+            "comes closest to *B + trained* over the protocol's samples.", row=0, arrange="lanes")
     _compare(g, images, [b.label for b in branches], "prolora_pruned/grid", lane=0)
     report = g.add("ProLoRAReportImage", lane=1, match=by_sim[0], lora=proj_sim[0])
     g.add("SaveImage", title="Save report", lane=1, images=report[0], filename_prefix="prolora_pruned/report")
@@ -414,16 +415,16 @@ def turbo_target() -> Graph:
                  for name, demo in (("style", style), ("concept", concept)) for mode in modes}
     grids = []
     for row, (name, demo, cond) in enumerate((("style", style, disc), ("concept", concept, ring)), start=1):
-        g.group(f"{2 + row} · {name} LoRA: sample each branch",
+        g.group(f"{3 + row} · {name} LoRA: sample each branch (for the grid in 3)",
                 "The first column is the reference: the **source** + LoRA with the full schedule (15 steps, cfg 2). The others run "
                 "the **turbo** in its own 4 steps, cfg 1." if row == 1 else "As above, with the concept LoRA under its prompt (red ring).",
                 row=row, arrange="lanes")
         branches = [Branch("source + LoRA", demo[0], demo[2], schedule=dict(FULL)), Branch("turbo, no LoRA", demo[1], schedule=dict(TURBO))]
         branches += [Branch(f"turbo + {mode}", demo[1], projected[(name, mode)][0], schedule=dict(TURBO)) for mode in modes]
         grids.append((name, _sample_branches(g, branches, cond, latent), [b.label for b in branches]))
-    g.group("5 · compare", "**Look at** each grid: how much of the source + LoRA's effect (yellow stripes; the red ring) each mode "
+    g.group("3 · compare (branches sampled in 4 and 5, below)", "**Look at** each grid: how much of the source + LoRA's effect (yellow stripes; the red ring) each mode "
             "brings to the turbo's 4-step samples while keeping its content. Measured over 3 seeds (gap closed, style / concept): "
-            "copy 0.75 / 0.80, prolora-full 0.64 / 0.80, casa 0.76 / 0.82: casa ties Copy (README, Evidence).", row=3, arrange="lanes")
+            "copy 0.75 / 0.80, prolora-full 0.64 / 0.80, casa 0.76 / 0.82: casa ties Copy (README, Evidence).", row=0, arrange="lanes")
     for lane, (name, images, labels) in enumerate(grids):
         grid = g.add("ProLoRACompare", title=f"Compare: {name}", lane=lane, **{f"image_{i + 1}": img[0] for i, img in enumerate(images)},
                      labels="\n".join(labels))
@@ -486,7 +487,7 @@ def flux_krea_chroma(source: str = FLUX_DEV, krea: str = FLUX_KREA, chroma: str 
     t_krea = _loader(g, loader, krea, "target: Flux.1 Krea-dev")
     t_chroma = _loader(g, loader, chroma, "target: Chroma")
     g.group("3 · transfer (one source basis, two targets)", "The source's bases are computed once and cached. Each target gets its own "
-            "match and projection; the results go to models/loras/prolora/. Large models: the bases take a while the first time.", row=1)
+            "match and projection; the results go to models/loras/prolora/. Large models: the bases take a while the first time.")
     b_src = g.add("ProLoRAComputeBasis", model=src[0], subspace_rank=0, device="auto", use_cache=True, name=source)
     checks = []
     for label, tgt, file in (("Krea", t_krea, krea), ("Chroma", t_chroma, chroma)):
@@ -500,7 +501,7 @@ def flux_krea_chroma(source: str = FLUX_DEV, krea: str = FLUX_KREA, chroma: str 
               key_format="as input", overwrite=False)
         checks.append((label, match, proj))
     g.group("4 · check", "**Look at** each report: Φ per module and the norms. On Chroma the modulation layers (img_mod, txt_mod, "
-            "modulation.lin) show as *not in target*; everything else should transfer.", row=2, arrange="lanes")
+            "modulation.lin) show as *not in target*; everything else should transfer.", row=1, arrange="lanes")
     for lane, (label, match, proj) in enumerate(checks):
         g.add("ProLoRAReportImage", title=f"Report: {label}", lane=lane, match=match[0], lora=proj[0])
     return g
@@ -610,8 +611,8 @@ def write_thumbnails(server: str, object_info: dict[str, Any], folder: Path = EX
                 time.sleep(1)
             if entry["status"].get("status_str") != "success":
                 raise RuntimeError(f"{name} failed on {server}: {entry['status']}")
-            saved = [img for out in entry["outputs"].values() for img in out.get("images", [])
-                     if img.get("type") == "output" and "grid" in img["filename"]]
+            saved = sorted((img for out in entry["outputs"].values() for img in out.get("images", [])
+                            if img.get("type") == "output" and "grid" in img["filename"]), key=lambda img: (img["subfolder"], img["filename"]))
             r = session.get(server + "/view", params={"filename": saved[0]["filename"], "subfolder": saved[0]["subfolder"], "type": "output"},
                             timeout=60)
             r.raise_for_status()
