@@ -29,6 +29,7 @@ VIRTUAL = {"MarkdownNote", "Note"}
 
 # Layout, in canvas pixels at zoom 1 (ComfyUI's default font is 14 px; a widget row is about 26 px).
 NODE_W, GAP, PAD, TITLE_H = 300, 30, 24, 56
+TITLE_CHAR_W = 12  # a group title's width per character (24 px font)
 SOCKET_H, WIDGET_H, MULTILINE_H, NODE_TITLE_H = 22, 26, 76, 30  # NODE_TITLE_H: drawn above a node's pos
 #: Nodes that show a picture or panel after a run get room for it.
 MIN_SIZE = {"ProLoRAMatchModules": (480, 460), "ProLoRACompare": (440, 470), "ProLoRAReportImage": (460, 380),
@@ -185,7 +186,7 @@ class Graph:
             chars = max(20, note_w // 8)
             lines = sum(max(1, math.ceil(len(line) / chars)) for line in group.note.splitlines()) if group.note else 0
             note_h = 30 + 21 * lines if group.note else 0
-            extents.append((max(w, note_w), h, note_w, note_h))
+            extents.append((max(w, note_w, TITLE_CHAR_W * len(group.title)), h, note_w, note_h))
         positions: dict[int, tuple[int, int]] = {}
         boxes: dict[int, tuple[int, int, int, int]] = {}
         notes = []
@@ -272,7 +273,7 @@ def side_by_side() -> Graph:
     alternatives: source + LoRA | target | target + ProLoRA | target + copied LoRA | target +
     LoRA trained on it | unrelated model + ProLoRA."""
     g = Graph("prolora_side_by_side", "Transfer a demo LoRA to each demo target and compare side by side (runs as shipped).")
-    g.group("1 · source, LoRA and target (the demo zoo)",
+    g.group("1 · models and LoRA (zoo)",
             "**Pick** the target and the LoRA in *Demo Models*: the source is the model the LoRA was trained on. The second "
             "*Demo Models* gives an unrelated model, to see what the Φ filter does where the LoRA does not belong.")
     cond = g.add("ProLoRADemoConditioning", prompt="disc")
@@ -310,7 +311,7 @@ def side_by_side() -> Graph:
 def several_loras() -> Graph:
     """(c) Two LoRAs (style and concept) transferred against one pair of bases and one match."""
     g = Graph("prolora_several_loras", "Transfer several LoRAs against one basis (runs as shipped).")
-    g.group("1 · source, LoRAs and target (the demo zoo)",
+    g.group("1 · models and LoRAs (zoo)",
             "**Pick** the target in both *Demo Models* (the same one): each gives one LoRA, style or concept.")
     latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=4)
     style = g.add("ProLoRADemoModels", title="Demo Models: style", target="descendant, gentle fine-tune", lora="style")
@@ -340,7 +341,7 @@ def several_loras() -> Graph:
                 n.lane = lane
             labels.append(branch.label)
             lane += 1
-    g.group("3 · compare (branches sampled in 4, below)", "**Look at** the grid: the style LoRA draws yellow diagonal stripes, the concept LoRA a red ring under "
+    g.group("3 · compare (sampled in 4)", "**Look at** the grid: the style LoRA draws yellow diagonal stripes, the concept LoRA a red ring under "
             "its prompt; both should appear on the target once transferred.", row=0, arrange="lanes")
     _compare(g, images, labels, "prolora_several/grid", lane=0)
     return g
@@ -352,7 +353,7 @@ def pruned_target() -> Graph:
     B + ProLoRA (name) | B + copy | B + trained."""
     g = Graph("prolora_pruned_target", "Transfer a demo LoRA to a pruned, renumbered target: similarity pairing against name pairing "
               "and copy (runs as shipped).")
-    g.group("1 · source, LoRA and the pruned target (the demo zoo)",
+    g.group("1 · models and LoRA (zoo)",
             "Descendant B is pruned like SSD-1B from SDXL: blocks removed, the rest renumbered, so a module name can point at "
             "another block's weights.")
     cond = g.add("ProLoRADemoConditioning", prompt="red ring")
@@ -395,7 +396,7 @@ def turbo_target() -> Graph:
     default) | casa, next to the source + LoRA sampled with the full schedule."""
     g = Graph("prolora_turbo_target", "Move the demo LoRAs to a distilled few-step turbo target: Copy, the default (prolora-full) and casa "
               "side by side in the turbo's 4-step sampling (runs as shipped).")
-    g.group("1 · source, LoRAs and the turbo target (the demo zoo)",
+    g.group("1 · models and LoRAs (zoo)",
             "The turbo is a few-step student of the source (like SDXL-Turbo from SDXL): sample it with **euler, sgm_uniform, "
             "4 steps, cfg 1**. No LoRA was trained on it: people train on the base and run on the turbo.")
     latent = g.add("EmptyLatentImage", width=64, height=64, batch_size=4)
@@ -523,7 +524,7 @@ def wan22_experts(source: str = WAN21, high: str = WAN22_HIGH, low: str = WAN22_
                 "filename_pattern": "{lora}__to_{target}", "device": "auto"}
     outs = []
     for row, (label, target) in enumerate((("high-noise", high), ("low-noise", low))):
-        g.group(f"{row + 1} · source + LoRA → Wan 2.2 {label} expert",
+        g.group(f"{row + 1} · Wan 2.1 LoRA → {label}",
                 ("**Pick** the Wan 2.1 14B file the LoRA was trained on (source_model), the LoRA, and the Wan 2.2 **high-noise** "
                  "expert as target_model. Both experts have Wan 2.1 14B's shapes. Wan 2.2 runs the high-noise expert first, then "
                  "the low-noise one: load each output on its expert.") if row == 0 else
