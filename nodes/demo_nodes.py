@@ -39,7 +39,8 @@ class DemoModels(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id=f"{PREFIX}DemoModels", display_name="Demo Models (ProLoRA)", category=CATEGORY,
-            description="The project's tiny zoo: a source UNet, fine-tuned and pruned descendants, a 4-step turbo, an unrelated model, and LoRAs trained on the source.",
+            description="The project's tiny zoo: a source UNet, fine-tuned and pruned descendants, a 4-step turbo, an unrelated model, "
+                        "and LoRAs trained on the source.",
             inputs=[
                 io.Combo.Input("target", options=list(MODELS)[1:], default="descendant, gentle fine-tune",
                                tooltip="Which model plays the target: a gentle fine-tune of the source (transfer works well), a strong one "

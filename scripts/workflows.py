@@ -299,7 +299,8 @@ def side_by_side() -> Graph:
                 Branch("target + copy", demo[1], copy[0]), Branch("target + trained", demo[1], demo[3]),
                 Branch("unrelated + ProLoRA", other[1], proj_unrel[0])]
     images = _sample_branches(g, branches, cond, latent)
-    g.group("3 · compare (branches sampled in 4, below)", "**Look at** the grid: a good transfer looks like *source + LoRA* in the target's own style, and like "
+    g.group("3 · compare (branches sampled in 4, below)",
+            "**Look at** the grid: a good transfer looks like *source + LoRA* in the target's own style, and like "
             "*target + trained*. Drag the slider in Compare to flip between two columns. The report shows Φ per module and the "
             "LoRA's norm before and after.", row=0, arrange="lanes")
     _compare(g, images, [b.label for b in branches], "prolora_demo/grid", lane=0)
@@ -328,7 +329,8 @@ def several_loras() -> Graph:
     for name, demo in (("style", style), ("concept", concept)):  # each LoRA's projection above its save, in one column
         proj = g.add("ProLoRAProjectLoRA", title=f"Project LoRA: {name}", lane=2, lora=demo[2], match=match[0], mode="prolora-full", out_rank=0,
                      rescale_to_source_norm=False)
-        g.add("ProLoRASaveLoRA", title=f"Save LoRA: {name}", lane=2, lora=proj[0], filename=f"prolora/zoo_{name}_to_gentle_descendant", key_format="as input",
+        g.add("ProLoRASaveLoRA", title=f"Save LoRA: {name}", lane=2, lora=proj[0], filename=f"prolora/zoo_{name}_to_gentle_descendant",
+              key_format="as input",
               overwrite=True)
         projected[name] = proj
     g.group("4 · sample each branch (for the grid in 3)", SAMPLE_NOTE, row=1, arrange="lanes")
@@ -378,7 +380,8 @@ def pruned_target() -> Graph:
                 Branch("B + ProLoRA (name)", demo[1], proj_name[0]), Branch("B + copy", demo[1], copy[0]),
                 Branch("B + trained", demo[1], demo[3])]
     images = _sample_branches(g, branches, cond, latent)
-    g.group("3 · compare (branches sampled in 4, below)", "**Look at** the grid: the red ring of *source + LoRA* should appear on B; the similarity-paired transfer "
+    g.group("3 · compare (branches sampled in 4, below)",
+            "**Look at** the grid: the red ring of *source + LoRA* should appear on B; the similarity-paired transfer "
             "comes closest to *B + trained* over the protocol's samples.", row=0, arrange="lanes")
     _compare(g, images, [b.label for b in branches], "prolora_pruned/grid", lane=0)
     report = g.add("ProLoRAReportImage", lane=1, match=by_sim[0], lora=proj_sim[0])
@@ -423,7 +426,8 @@ def turbo_target() -> Graph:
         branches = [Branch("source + LoRA", demo[0], demo[2], schedule=dict(FULL)), Branch("turbo, no LoRA", demo[1], schedule=dict(TURBO))]
         branches += [Branch(f"turbo + {mode}", demo[1], projected[(name, mode)][0], schedule=dict(TURBO)) for mode in modes]
         grids.append((name, _sample_branches(g, branches, cond, latent), [b.label for b in branches]))
-    g.group("3 · compare (branches sampled in 4 and 5, below)", "**Look at** each grid: how much of the source + LoRA's effect (yellow stripes; the red ring) each mode "
+    g.group("3 · compare (branches sampled in 4 and 5, below)",
+            "**Look at** each grid: how much of the source + LoRA's effect (yellow stripes; the red ring) each mode "
             "brings to the turbo's 4-step samples while keeping its content. Measured over 3 seeds (gap closed, style / concept): "
             "copy 0.75 / 0.80, prolora-full 0.64 / 0.80, casa 0.76 / 0.82: casa ties Copy (README, Evidence).", row=0, arrange="lanes")
     for lane, (name, images, labels) in enumerate(grids):
