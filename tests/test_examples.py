@@ -171,6 +171,20 @@ def test_wan_example_runs_with_tiny_wan_experts_swapped_in(server: comfy_host.Co
     assert not torch.equal(outs["high-noise"][key], outs["low-noise"][key]), "each expert gets its own projection"
 
 
+def test_demo_models_offer_the_turbo_whose_trained_on_target_lora_is_the_sources(server: comfy_host.ComfyServer) -> None:
+    """No LoRA is trained on the turbo: Demo Models gives the source's LoRA as its "trained on target"
+    output, and the turbo itself is the zoo's turbo file."""
+    g = workflows.Graph("turbo_outputs", "")
+    demo = g.add("ProLoRADemoModels", target=workflows.TURBO_TARGET, lora="concept")
+    for slot, name in ((2, "lora"), (3, "trained")):
+        g.add("ProLoRASaveLoRA", lora=demo[slot], filename=f"turbo_check/{name}", key_format="as input", overwrite=True)
+    server.run(g.api(), timeout=120)
+    folder = server.base_dir / "models" / "loras" / "turbo_check"
+    lora, trained = load_file(str(folder / "lora.safetensors")), load_file(str(folder / "trained.safetensors"))
+    source = load_file(str(comfy_host.REPO_ROOT / "zoo" / "lora_concept_source.safetensors"))
+    assert set(lora) == set(trained) == set(source) and all(torch.equal(trained[k], source[k]) for k in source)
+
+
 @pytest.mark.parametrize("name", list(workflows.RUNNABLE))
 def test_runnable_example_runs_in_the_browser_as_shipped(server: comfy_host.ComfyServer, tmp_path: Path, name: str) -> None:
     shipped = json.loads((EXAMPLES / f"{name}.json").read_text())
