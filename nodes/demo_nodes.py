@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import io
 from safetensors.torch import load_file
 
-from ..prolora_core.zoo import CLASSES, LATENT_SCALE, LORAS, MODELS, zoo_file
+from ..prolora_core.zoo import CLASSES, LATENT_SCALE, LORAS, MODELS, UNTRAINED, zoo_file
 from .lora_nodes import load_lora_file
 from .tiny_model_node import load_tiny_model
 from .transfer_nodes import CATEGORY, PREFIX, LoraModelType
@@ -20,12 +20,14 @@ class DemoModels(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id=f"{PREFIX}DemoModels", display_name="Demo Models (ProLoRA)", category=CATEGORY,
-            description="The project's tiny zoo: a source UNet, fine-tuned and pruned descendants, an unrelated model, and LoRAs trained on the source.",
+            description="The project's tiny zoo: a source UNet, fine-tuned and pruned descendants, a 4-step turbo, an unrelated model, "
+                        "and LoRAs trained on the source.",
             inputs=[
                 io.Combo.Input("target", options=list(MODELS)[1:], default="descendant, gentle fine-tune",
                                tooltip="Which model plays the target: a gentle fine-tune of the source (transfer works well), a strong one "
                                        "(its domain drifted: transfer recovers about half), a pruned copy with removed and renamed blocks "
-                                       "distilled from the source (set Match Modules' pairing to similarity), or an unrelated model "
+                                       "distilled from the source (set Match Modules' pairing to similarity), a 4-step turbo distilled "
+                                       "from the source (sample it with euler, sgm_uniform, 4 steps, cfg 1), or an unrelated model "
                                        "(the filter skips it)."),
                 io.Combo.Input("lora", options=list(LORAS), default="style", tooltip="style: yellow diagonal stripes; concept: a red ring (prompt 'red ring')."),
             ],
@@ -33,15 +35,17 @@ class DemoModels(io.ComfyNode):
                 io.Model.Output(display_name="source", tooltip="The base the LoRA was trained on."),
                 io.Model.Output(display_name="target", tooltip="The chosen target model."),
                 LoraModelType.Output(display_name="lora", tooltip="The LoRA trained on the source."),
-                LoraModelType.Output(display_name="lora_trained_on_target", tooltip="The same LoRA trained from scratch on the target (the reference)."),
+                LoraModelType.Output(display_name="lora_trained_on_target", tooltip="The same LoRA trained from scratch on the target (the reference). "
+                                             "The turbo has none (nobody trains on a turbo): there it is the source's LoRA, as people load it."),
             ],
         )
 
     @classmethod
     def execute(cls, target: str, lora: str) -> io.NodeOutput:
         tgt = MODELS[target]
+        trained_on = "source" if tgt in UNTRAINED else tgt
         return io.NodeOutput(load_tiny_model(zoo_file("source")), load_tiny_model(zoo_file(tgt)),
-                             load_lora_file(str(zoo_file(f"lora_{lora}_source"))), load_lora_file(str(zoo_file(f"lora_{lora}_{tgt}"))))
+                             load_lora_file(str(zoo_file(f"lora_{lora}_source"))), load_lora_file(str(zoo_file(f"lora_{lora}_{trained_on}"))))
 
 
 class DemoConditioning(io.ComfyNode):

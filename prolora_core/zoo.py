@@ -16,7 +16,10 @@ from .errors import ProLoRAError
 ZOO_DIR = Path(__file__).resolve().parents[1] / "zoo"
 #: The demo's model choices (shown name → zoo file stem); the first is the source.
 MODELS = {"source": "source", "descendant, gentle fine-tune": "descendant_a_near", "descendant A, strong fine-tune": "descendant_a",
-          "descendant B, pruned + distilled": "descendant_b", "unrelated C": "unrelated_c"}
+          "descendant B, pruned + distilled": "descendant_b", "turbo, 4-step student": "turbo", "unrelated C": "unrelated_c"}
+#: Targets no LoRA was trained on (people train on the base and run on the turbo): the demo's
+#: "trained on target" output is the source's LoRA for them, i.e. what those users load.
+UNTRAINED = frozenset({"turbo"})
 #: The LoRAs trained on the zoo's models (``lora_<name>_<model>.safetensors``).
 LORAS = ("style", "concept")
 #: The prompts, in the order of ``conditioning.safetensors``' rows (the empty prompt follows them).

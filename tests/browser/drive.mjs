@@ -96,8 +96,8 @@ try {
   // the Compare panel: both images loaded, then move the slider
   const cmp = page.locator('[data-prolora="prolora_compare_view"]').first();
   await cmp.locator(".prolora-stage img").first().waitFor({ timeout: 30_000 });
-  await page.waitForFunction(() => {
-    const imgs = document.querySelectorAll('[data-prolora="prolora_compare_view"] .prolora-stage img');
+  await page.waitForFunction(() => { // the first Compare panel's images (a workflow may hold several)
+    const imgs = document.querySelector('[data-prolora="prolora_compare_view"]').querySelectorAll(".prolora-stage img");
     return imgs.length === 2 && [...imgs].every((i) => i.complete && i.naturalWidth > 0);
   }, null, { timeout: 30_000 });
   await cmp.locator('[data-field="slider"]').evaluate((s) => { s.value = "25"; s.dispatchEvent(new Event("input", { bubbles: true })); });
