@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +181,20 @@ class BasisCache:
         limit = "" if max_gb is None else f" (limit {max_gb:g} GB)"
         return f"basis cache: {shown} in {self.entries()} bases{limit} at {self.root}"
 
-    def clear(self) -> None:
-        shutil.rmtree(self.root / "bases", ignore_errors=True)
-        shutil.rmtree(self.memo_dir, ignore_errors=True)
+    def clear(self) -> int:
+        """Remove the cache's own files only — base entries (``bases/**/*.safetensors``, with their
+        temp files) and file-key memos (``files/*.json``) — and the folders they leave empty; any
+        other file under ``root`` stays. Returns how many files were removed."""
+        removed = 0
+        for pattern, folder in (("*.safetensors", self.root / "bases"), ("*.tmp", self.root / "bases"), ("*.json", self.memo_dir)):
+            for p in folder.rglob(pattern) if folder.is_dir() else ():
+                p.unlink(missing_ok=True)
+                removed += 1
+        for folder in (self.root / "bases", self.memo_dir):
+            if folder.is_dir():
+                for d in sorted((d for d in folder.rglob("*") if d.is_dir()), key=lambda d: len(d.parts), reverse=True) + [folder]:
+                    try:
+                        d.rmdir()
+                    except OSError:  # not empty: holds something that is not ours
+                        pass
+        return removed

@@ -110,7 +110,10 @@ def _outputs(args: argparse.Namespace, paths: list[Path], inputs: list[str | Pat
     ``<lora><--suffix>``) in ``--out-dir`` or next to the LoRA, with a numbered suffix rather than
     over an existing file."""
     if args.out:
-        return [[check_output_path(args.out, inputs)]]
+        out = check_output_path(args.out, inputs)
+        if out.exists():
+            _warn(f"{out} exists and will be replaced (--out names the file; without it outputs get a new name)")
+        return [[out]]
     pattern = "{lora}" + args.suffix if args.suffix is not None else args.name_pattern
     if args.out_dir and not Path(args.out_dir).is_dir():
         raise ProLoRAError("output folder does not exist", file=Path(args.out_dir))
@@ -140,11 +143,19 @@ def _detector(choice: str) -> DetectFn | None:
         return None
 
     def detect(weights: object) -> DetectedModel | None:
+        label = getattr(weights, "label", weights)
         try:
-            return prolora_host.detect_model(weights)
+            found = prolora_host.detect_model(weights)
         except Exception as e:  # noqa: BLE001 (ComfyUI's detection on a file it does not know)
-            print(f"[prolora] ComfyUI cannot read {getattr(weights, 'label', weights)} ({type(e).__name__}: {e})", file=sys.stderr)
+            if choice == "comfyui":
+                raise ProLoRAError(f"--key-map comfyui: ComfyUI cannot read this model ({type(e).__name__}: {e})",
+                                   file=getattr(weights, "path", label)) from None
+            print(f"[prolora] ComfyUI cannot read {label} ({type(e).__name__}: {e}): LoRA modules are placed by weight names", file=sys.stderr)
             return None
+        if found is None and choice == "comfyui":
+            raise ProLoRAError("--key-map comfyui: ComfyUI does not recognise this model's layout (--key-map names places modules "
+                               "by weight names)", file=getattr(weights, "path", label))
+        return found
 
     return detect
 
@@ -281,8 +292,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     cache = BasisCache(root, BasisSettings())
     if args.clear:
-        cache.clear()
-        print(f"cleared {root}")
+        if root.exists() and not root.is_dir():
+            raise ProLoRAError("not a cache folder", file=root)
+        print(f"cleared {root}: removed {cache.clear()} cache files" if root.is_dir() else f"{root}: empty")
     else:
         print(f"{root}: {cache.size_bytes() / 2**20:.1f} MiB in {cache.entries()} bases (transfer keeps it under {DEFAULT_MAX_GB:g} GB unless "
               "--cache-max-mb says otherwise)" if root.exists() else f"{root}: empty")

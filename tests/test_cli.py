@@ -351,3 +351,52 @@ def test_rescale_restores_the_source_norm(tmp_path: Path, capsys: pytest.Capture
         assert rel_err(result[module].dense(), want) <= 1e-6
         assert rows[module]["transferred_norm"] == pytest.approx(rows[module]["source_norm"], rel=1e-9)
     assert read_metadata(out)["prolora.rescale_to_source_norm"] == "true"
+
+
+def test_outputs_get_the_usual_permissions_and_out_replacing_a_file_is_said(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    bases = make_bases(tmp_path / "in")
+    lora = write_lora(tmp_path / "in" / "lora.safetensors", make_updates(), "underscore")
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"an older file")
+    mask = os.umask(0o022)
+    try:
+        rc, _, err = run_main(transfer_argv(bases, lora, out), capsys)
+    finally:
+        os.umask(mask)
+    assert rc == 0, err
+    assert f"{out} exists and will be replaced" in err
+    assert out.stat().st_mode & 0o777 == 0o644, oct(out.stat().st_mode)  # not mkstemp's 0600: ComfyUI under another user reads it
+    assert read_output(out), "the old bytes were replaced by a LoRA"
+
+
+def test_key_map_comfyui_refuses_a_file_comfyui_does_not_recognise(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bases = make_bases(tmp_path / "in")  # a few plain weights: no model ComfyUI's detection knows
+    lora = write_lora(tmp_path / "in" / "lora.safetensors", make_updates(), "underscore")
+    out = tmp_path / "out.safetensors"
+    rc, _, err = run_main(transfer_argv(bases, lora, out, "--key-map", "comfyui"), capsys)
+    assert rc == 2 and "error:" in err and "--key-map comfyui" in err and str(bases.source) in err, err
+    assert not out.exists()
+    rc, _, err = run_main(transfer_argv(bases, lora, out, "--key-map", "names"), capsys)
+    assert rc == 0 and out.exists(), err
+
+
+def test_cache_clear_removes_only_cache_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "cache"
+    bases = make_bases(tmp_path / "in")
+    lora = write_lora(tmp_path / "in" / "lora.safetensors", make_updates(), "underscore")
+    argv = [a for a in transfer_argv(bases, lora, tmp_path / "out.safetensors", "--cache-dir", root) if a != "--no-cache"]
+    rc, _, err = run_main(argv, capsys)
+    assert rc == 0, err
+    assert list((root / "bases").rglob("*.safetensors")), "the run filled the cache"
+    mine = [root / "bases" / "notes.txt", root / "files" / "keep.txt", root / "other.txt"]
+    for p in mine:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("not a cache file")
+    rc, stdout, err = run_main(["cache", "--cache-dir", root, "--clear"], capsys)
+    assert rc == 0 and "cache files" in stdout, err
+    assert not list((root / "bases").rglob("*.safetensors")) and not list((root / "files").glob("*.json"))
+    assert all(p.read_text() == "not a cache file" for p in mine), "files that are not the cache's own stay"
+    rc, _, err = run_main(["cache", "--cache-dir", bases.source, "--clear"], capsys)
+    assert rc == 2 and "not a cache folder" in err, err
