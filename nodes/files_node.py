@@ -101,7 +101,8 @@ class TransferLoRAFiles(io.ComfyNode):
                              progress=progress(1), check_interrupt=check_interrupt,
                              on_saved=lambda out: f"  saved as {lora_list_name(out)}")
         evicted = cache.limit(cache_max_gb)
-        lines = run.lines + [cache.describe(cache_max_gb) + (f"; removed the {evicted} least recently used" if evicted else "")]
+        lines = run.lines + [f"left out: {why}" for _, why in run.failed]
+        lines.append(cache.describe(cache_max_gb) + (f"; removed the {evicted} least recently used" if evicted else ""))
         saved = [lora_list_name(p) for p in run.written]
         if not saved:
             raise ProLoRAError("no module could be transferred:\n" + "\n".join(lines))

@@ -224,7 +224,9 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         names = ", ".join(str(lora.path) for lora in run.loras)
         _err(f"{names}: no module could be transferred to {', '.join(t.target.label for t in run.targets)} (see the warnings above)")
         return EXIT_NOTHING
-    return 0
+    for _, why in run.failed:  # the others were written; the exit code still says something was wrong
+        _err(f"left out: {why}")
+    return EXIT_ERROR if run.failed else 0
 
 
 def cmd_similarity(args: argparse.Namespace) -> int:

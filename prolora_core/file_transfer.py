@@ -80,6 +80,8 @@ class FilesRun:
     quantized: dict[str, list[str]]
     lines: list[str]
     evicted: int = 0
+    #: LoRAs left out of a run of several because they could not be read or placed: (path, reason)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
 
     @property
     def modules(self) -> list[ModuleReport]:
@@ -146,7 +148,7 @@ def transfer_files(
     removed until the cache holds at most that many bytes.
 
     Raises :class:`ProLoRAError` for unreadable files, a LoRA none of whose modules maps onto the
-    source, shapes that cannot match (one message naming both models), ``config.strict`` with
+    source (of several LoRAs, such a one is only left out: ``FilesRun.failed``, and the others go on), shapes that cannot match (one message naming both models), ``config.strict`` with
     unmapped modules, and every error of :func:`.transfer.transfer`. Outputs are written atomically.
     """
     if not target_paths:
@@ -175,21 +177,48 @@ def transfer_files(
             return describe_model(inner.label, parameter_count(inner))
         return describe_model(d.kind, parameter_count(inner, d.prefix), d.unet_config)
 
-    loras = [read_lora(p) for p in lora_paths]
+    loras: list[LoraFile] = []
+    kept: list[int] = []  # the index in ``lora_paths`` of each LoRA in ``loras``
+    failed: list[tuple[Path, str]] = []
+    errors: list[ProLoRAError] = []
+
+    def left_out(i: int, e: ProLoRAError) -> None:
+        """One bad LoRA among several: said, and the others go on (a lone LoRA's error is raised)."""
+        if len(lora_paths) == 1:
+            raise e
+        failed.append((Path(lora_paths[i]), str(e)))
+        errors.append(e)
+        warn(f"{e} — this LoRA is left out; the others go on")
+
+    for i, path in enumerate(lora_paths):
+        try:
+            loras.append(read_lora(path))
+            kept.append(i)
+        except ProLoRAError as e:
+            left_out(i, e)
     for lora in loras:
         if lora.unknown_keys:
             warn(f"{lora.path}: {len(lora.unknown_keys)} keys are not used: " + _first([f"{k} ({lora.unused[k]})" for k in lora.unknown_keys], listed_in))
-    if found is not None:
-        naming = f"ComfyUI's key map for {found.kind}"
-        plan = [Planned(i, mod, found.key_map.get(mod.name)) for i, lora in enumerate(loras) for mod in lora.modules.values()]
-        for i, lora in enumerate(loras):
-            mine = [p for p in plan if p.lora_index == i]
-            if mine and all(p.source_key is None for p in mine):
-                raise ProLoRAError(f"none of the LoRA's {len(mine)} modules maps onto the source model {describe(source)} through ComfyUI's "
-                                   f"key map (e.g. '{mine[0].module.name}'): is it a LoRA for another base model?", file=lora.path)
-    else:
-        naming = "weight names"
-        plan = plan_by_names(loras, source)
+    naming = f"ComfyUI's key map for {found.kind}" if found is not None else "weight names"
+    placed_loras: list[tuple[int, LoraFile, list[Planned]]] = []
+    for i, lora in zip(kept, loras):
+        try:
+            if found is not None:
+                mine = [Planned(0, mod, found.key_map.get(mod.name)) for mod in lora.modules.values()]
+                if mine and all(p.source_key is None for p in mine):
+                    raise ProLoRAError(f"none of the LoRA's {len(mine)} modules maps onto the source model {describe(source)} through "
+                                       f"ComfyUI's key map (e.g. '{mine[0].module.name}'): is it a LoRA for another base model?", file=lora.path)
+            else:
+                mine = plan_by_names([lora], source)
+        except ProLoRAError as e:
+            left_out(i, e)
+            continue
+        placed_loras.append((i, lora, mine))
+    if not placed_loras:
+        raise errors[0] if errors else ProLoRAError("no LoRA given")
+    kept = [i for i, _, _ in placed_loras]
+    loras = [lora for _, lora, _ in placed_loras]
+    plan = [Planned(j, p.module, p.source_key) for j, (_, _, mine) in enumerate(placed_loras) for p in mine]
     te_reason = NO_TEXT_ENCODER if found is not None else TEXT_ENCODER_REASON
     _not_mapped(plan, loras, source.label, config.strict, warn, listed_in, te_reason)
     sliced = with_slices(source)
@@ -228,7 +257,7 @@ def transfer_files(
                 warn(f"{result.lora.path}: no module could be transferred to {target.label}; nothing written for it")
                 written.append(None)
                 continue
-            out = out_path(li, ti)
+            out = out_path(kept[li], ti)
             meta = output_metadata(result, source.label, target.label, config, kind)
             atomic_save(result.tensors, out, meta)
             written.append(out)
@@ -243,7 +272,7 @@ def transfer_files(
         runs.append(TargetRun(target, results, stats, written))
     source.save_memo()
     evicted = cache.evict(cache_max_bytes) if cache is not None and cache_max_bytes is not None else 0
-    return FilesRun(source, loras, runs, naming, quantized, lines, evicted)
+    return FilesRun(source, loras, runs, naming, quantized, lines, evicted, failed)
 
 
 def _not_mapped(plan: Sequence[Planned], loras: Sequence[LoraFile], source_label: str, strict: bool, warn: Callable[[str], None],

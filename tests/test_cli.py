@@ -400,3 +400,23 @@ def test_cache_clear_removes_only_cache_files(tmp_path: Path, capsys: pytest.Cap
     assert all(p.read_text() == "not a cache file" for p in mine), "files that are not the cache's own stay"
     rc, _, err = run_main(["cache", "--cache-dir", bases.source, "--clear"], capsys)
     assert rc == 2 and "not a cache folder" in err, err
+
+
+def test_one_bad_lora_among_several_is_left_out_and_the_others_are_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bases = make_bases(tmp_path / "in")
+    good = write_lora(tmp_path / "in" / "good.safetensors", make_updates(), "underscore")
+    bad = tmp_path / "in" / "bad.safetensors"
+    bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) * 2 // 3])  # truncated
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    argv = ["transfer", "--source-base", bases.source, "--target-base", bases.target, "--lora", good, "--lora", bad,
+            "--out-dir", out_dir, "--no-cache", "--device", "cpu"]
+    rc, _, err = run_main(argv, capsys)
+    assert rc == 2, err
+    assert f"left out: {bad}" in err and "truncated" in err, err
+    written = sorted(p.name for p in out_dir.iterdir())
+    assert written == [f"good__to_{Path(bases.target).stem}.safetensors"], written
+    assert read_output(out_dir / written[0]), "the good LoRA's output is a LoRA"
+    rc, _, err = run_main(["transfer", "--source-base", bases.source, "--target-base", bases.target, "--lora", bad,
+                           "--out-dir", out_dir, "--no-cache", "--device", "cpu"], capsys)
+    assert rc == 2 and "truncated" in err and "left out" not in err, err  # alone, a bad LoRA is the error it always was
