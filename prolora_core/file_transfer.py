@@ -5,7 +5,7 @@ what comes back.
 
 Steps: open the weights (:func:`.weights.open_weights`, streamed per key) → read the LoRAs → place
 each module (ComfyUI's key map for the detected model through ``detect``, else ``<module>.weight``
-names, :func:`.plan.plan_by_names`) → refuse shapes that cannot match with one message
+names, as :func:`.plan.plan_by_names` does) → refuse shapes that cannot match with one message
 (:mod:`.shapes`) → per target :func:`.transfer.transfer` (the source's bases are computed once for
 all targets: from the basis cache, or from memory without one) → metadata
 (:func:`.provenance.output_metadata`) → atomic save (temp file, then rename) → basis cache limit.
@@ -22,7 +22,8 @@ from .cache import BasisCache
 from .config import ProgressFn, TransferConfig
 from .errors import ProLoRAError
 from .lora import LoraFile, read_lora
-from .plan import Planned, plan_by_names
+from .names import BaseIndex
+from .plan import Planned
 from .provenance import output_metadata
 from .report import ModuleReport, RunStats, TransferResult, format_summary, is_text_encoder_module
 from .safetensors_io import atomic_save
@@ -80,8 +81,8 @@ class FilesRun:
     quantized: dict[str, list[str]]
     lines: list[str]
     evicted: int = 0
-    #: LoRAs left out of a run of several because they could not be read or placed: (path, reason)
-    failed: list[tuple[Path, str]] = field(default_factory=list)
+    #: LoRAs left out of a run of several because they could not be read or placed: (path, error)
+    failed: list[tuple[Path, ProLoRAError]] = field(default_factory=list)
 
     @property
     def modules(self) -> list[ModuleReport]:
@@ -177,48 +178,45 @@ def transfer_files(
             return describe_model(inner.label, parameter_count(inner))
         return describe_model(d.kind, parameter_count(inner, d.prefix), d.unet_config)
 
-    loras: list[LoraFile] = []
-    kept: list[int] = []  # the index in ``lora_paths`` of each LoRA in ``loras``
-    failed: list[tuple[Path, str]] = []
-    errors: list[ProLoRAError] = []
+    # Of several LoRAs, one that cannot be read or placed is left out (said, kept in ``failed``) and
+    # the others go on; a lone LoRA's error is raised. ``kept``: each placed LoRA's index in ``lora_paths``.
+    failed: list[tuple[Path, ProLoRAError]] = []
 
     def left_out(i: int, e: ProLoRAError) -> None:
-        """One bad LoRA among several: said, and the others go on (a lone LoRA's error is raised)."""
         if len(lora_paths) == 1:
             raise e
-        failed.append((Path(lora_paths[i]), str(e)))
-        errors.append(e)
+        failed.append((Path(lora_paths[i]), e))
         warn(f"{e} — this LoRA is left out; the others go on")
 
+    read: list[tuple[int, LoraFile]] = []
     for i, path in enumerate(lora_paths):
         try:
-            loras.append(read_lora(path))
-            kept.append(i)
+            read.append((i, read_lora(path)))
         except ProLoRAError as e:
             left_out(i, e)
-    for lora in loras:
+    for _, lora in read:
         if lora.unknown_keys:
             warn(f"{lora.path}: {len(lora.unknown_keys)} keys are not used: " + _first([f"{k} ({lora.unused[k]})" for k in lora.unknown_keys], listed_in))
-    naming = f"ComfyUI's key map for {found.kind}" if found is not None else "weight names"
-    placed_loras: list[tuple[int, LoraFile, list[Planned]]] = []
-    for i, lora in zip(kept, loras):
-        try:
-            if found is not None:
-                mine = [Planned(0, mod, found.key_map.get(mod.name)) for mod in lora.modules.values()]
-                if mine and all(p.source_key is None for p in mine):
-                    raise ProLoRAError(f"none of the LoRA's {len(mine)} modules maps onto the source model {describe(source)} through "
-                                       f"ComfyUI's key map (e.g. '{mine[0].module.name}'): is it a LoRA for another base model?", file=lora.path)
-            else:
-                mine = plan_by_names([lora], source)
-        except ProLoRAError as e:
-            left_out(i, e)
+    if found is not None:
+        naming, locate = f"ComfyUI's key map for {found.kind}", found.key_map.get
+        unplaced = (f"maps onto the source model {describe(source)} through ComfyUI's key map", ": is it a LoRA for another base model?")
+    else:
+        naming, locate = "weight names", BaseIndex(source.keys()).resolve  # as plan.plan_by_names places them
+        unplaced = (f"has a weight in the source base {source.label}", "")
+    kept: list[int] = []
+    loras: list[LoraFile] = []
+    plan: list[Planned] = []
+    for i, lora in read:
+        mine = [Planned(len(loras), mod, locate(mod.name)) for mod in lora.modules.values()]
+        if mine and all(p.source_key is None for p in mine):
+            left_out(i, ProLoRAError(f"none of the LoRA's {len(mine)} modules {unplaced[0]} (e.g. '{mine[0].module.name}'){unplaced[1]}",
+                                     file=lora.path or "<LoRA>"))
             continue
-        placed_loras.append((i, lora, mine))
-    if not placed_loras:
-        raise errors[0] if errors else ProLoRAError("no LoRA given")
-    kept = [i for i, _, _ in placed_loras]
-    loras = [lora for _, lora, _ in placed_loras]
-    plan = [Planned(j, p.module, p.source_key) for j, (_, _, mine) in enumerate(placed_loras) for p in mine]
+        kept.append(i)
+        loras.append(lora)
+        plan += mine
+    if not loras:
+        raise failed[0][1] if failed else ProLoRAError("no LoRA given")
     te_reason = NO_TEXT_ENCODER if found is not None else TEXT_ENCODER_REASON
     _not_mapped(plan, loras, source.label, config.strict, warn, listed_in, te_reason)
     sliced = with_slices(source)
