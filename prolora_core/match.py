@@ -222,7 +222,7 @@ def _match_modules(source_keys: Sequence[str], source: WeightSource, target: Wei
     source, target = with_slices(source), with_slices(target)
     provider = BasisProvider(config.basis, resolve_device(config.device), cache)
     target_index, source_index = BaseIndex(target.keys()), BaseIndex(source.keys())
-    candidates = _candidates(target) if config.pairing == "similarity" else {}
+    candidates = target_candidates(target) if config.pairing == "similarity" else {}  # by (model part, kind, shape)
     matches: dict[str, ModuleMatch] = {}
     unique = list(dict.fromkeys(source_keys))
     needs: list[ModuleMatch] = []  # the matches that need bases, in order
@@ -359,9 +359,3 @@ def _name_pair(skey: str, source_index: BaseIndex, target_index: BaseIndex, targ
         return target_index.find_bare(source_index.bare_name(skey))
     base = target_index.find_bare(source_index.bare_name(s.key))
     return s.on(base).virtual_key if base is not None and s.fits(tuple(target.shape(base))) else None
-
-
-def _candidates(target: WeightSource) -> dict[tuple, list[str]]:
-    """Target weights by candidate class (model part, kind of weight, shape): what similarity
-    pairing may choose from (:func:`.candidates.candidate_class`)."""
-    return target_candidates(target)

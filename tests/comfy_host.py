@@ -157,6 +157,29 @@ def kohya_lora(patcher: ModelPatcher, modules: list[str], *, rank: int = 4, alph
             out[f"{name}.alpha"] = torch.tensor(float(alpha))
     return out
 
+def factor_lora(shapes: dict[str, tuple[int, int]], *, peft: bool, rank: int, alpha: float, scale: float = 0.1,
+                seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random linear factors, entries ~ N(0, scale²), on each module name of ``shapes`` (its ``m × n``,
+    in order): PEFT ``lora_A``/``lora_B`` without alpha, or kohya ``lora_down``/``lora_up`` + ``alpha``."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, (m, n) in shapes.items():
+        down, up = scale * torch.randn(rank, n, generator=gen), scale * torch.randn(m, rank, generator=gen)
+        if peft:
+            out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = down, up
+        else:
+            out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down, up
+            out[f"{name}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def assert_same_change(before: dict[str, torch.Tensor], want: dict[str, torch.Tensor], got: dict[str, torch.Tensor], rel: float = 1e-5) -> None:
+    """Every weight changed by ``got − before`` as by ``want − before``, within ``rel`` of the change's norm."""
+    for k in before:
+        d_want, d_got = (want[k] - before[k]).double(), (got[k] - before[k]).double()
+        assert float((d_got - d_want).norm()) <= rel * max(float(d_want.norm()), 1e-12), k
+
+
 def tiny_conditioning(patcher: ModelPatcher, seed: int = 0, tokens: int = 77) -> list[list[Any]]:
     """A ``CONDITIONING`` matching the model: ``[[cond, {...}]]``; SDXL also gets ``pooled_output``."""
     unet_config = patcher.model.model_config.unet_config
