@@ -3,7 +3,8 @@
 In DiT families each block has a linear map from the conditioning vector to its adaLN shift, scale
 and gate (Flux: ``img_mod.lin`` / ``txt_mod.lin`` ``[6h, h]`` in double blocks, ``modulation.lin``
 ``[3h, h]`` in single blocks, ``final_layer.adaLN_modulation.1``; Qwen-Image ``img_mod.1``; diffusers
-names ``norm1.linear``, ``norm1_context.linear``, ``norm.linear``). Their Φ is read apart from the
+names ``norm1.linear``, ``norm1_context.linear``, ``norm.linear``; FLUX.2 has no per-block ones but three
+shared by all blocks: ``double_stream_modulation_img/txt.lin``, ``single_stream_modulation.lin``). Their Φ is read apart from the
 attention and MLP weights, and some targets drop them: Chroma replaces Flux's per-block modulation
 with one shared approximator, so a Flux LoRA's modulation modules have no weight there ("not in
 target"), while the rest of the LoRA transfers.
@@ -18,6 +19,7 @@ from .slices import parse_place
 MODULATION_MODULES: tuple[str, ...] = (
     "img_mod.lin", "txt_mod.lin", "modulation.lin", "adaLN_modulation.1", "img_mod.1", "txt_mod.1",
     "norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear",
+    "double_stream_modulation_img.lin", "double_stream_modulation_txt.lin", "single_stream_modulation.lin",  # FLUX.2: shared by all blocks
 )
 
 

@@ -13,7 +13,12 @@ milliseconds; the ratios that matter for LoRA placement (fused ``qkv`` = 3 × hi
   the same family at other sizes, for the "shapes cannot match" message;
 * Qwen-Image (``QwenImage``): Qwen-Image-Edit has the same config, a perturbed copy stands in;
 * SD3 (``SD3``, MMDiT), Z-Image (``ZImage``, Lumina2's NextDiT) and HunyuanVideo (``HunyuanVideo``):
-  fused ``qkv`` weights.
+  fused ``qkv`` weights;
+* FLUX.2 (``Flux2``): Klein 4B-like (hidden 64) and Klein 9B-like (hidden 96), FLUX.2's layout
+  (global modulation ``double_stream_modulation_img/txt.lin``, ``single_stream_modulation.lin``, no
+  per-block modulation, SwiGLU MLPs: ``img_mlp.0`` = 2 × 3 × hidden rows, single-block ``linear1`` =
+  3 × hidden + 6 × hidden rows, no biases). Klein base and distilled have the same config: a
+  perturbed copy stands in for the distilled model.
 """
 from __future__ import annotations
 
@@ -62,6 +67,17 @@ HUNYUAN_VIDEO_CONFIG: dict[str, Any] = {
     "use_cond_type_embedding": False, "vision_in_dim": None,
 }
 
+#: FLUX.2 Klein 4B in miniature (``comfy.ldm.flux.model.Flux`` with FLUX.2's flags, as ComfyUI's
+#: detection sets them): hidden 64, 2 heads of 32 (four rope axes of 8), one double and one single block.
+FLUX2_KLEIN4B_CONFIG: dict[str, Any] = {
+    "image_model": "flux2", "in_channels": 8, "out_channels": 8, "vec_in_dim": None, "context_in_dim": 32, "hidden_size": 64,
+    "mlp_ratio": 3.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 8, 8, 8], "theta": 2000, "patch_size": 1,
+    "qkv_bias": False, "guidance_embed": False, "global_modulation": True, "mlp_silu_act": True, "ops_bias": False,
+    "default_ref_method": "index", "ref_index_scale": 10.0,
+}
+#: FLUX.2 Klein 9B in miniature: the same blocks at a larger width (hidden 96, 3 heads of 32).
+FLUX2_KLEIN9B_CONFIG: dict[str, Any] = {**FLUX2_KLEIN4B_CONFIG, "hidden_size": 96, "num_heads": 3}
+
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "wan21_14b": ("WAN21_T2V", WAN14_CONFIG),
     "wan21_1.3b": ("WAN21_T2V", WAN13_CONFIG),
@@ -70,6 +86,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "sd3": ("SD3", SD3_CONFIG),
     "z_image": ("ZImage", ZIMAGE_CONFIG),
     "hunyuan_video": ("HunyuanVideo", HUNYUAN_VIDEO_CONFIG),
+    "flux2_klein4b": ("Flux2", FLUX2_KLEIN4B_CONFIG),
+    "flux2_klein9b": ("Flux2", FLUX2_KLEIN9B_CONFIG),
 }
 
 

@@ -1,0 +1,240 @@
+"""FLUX.2 (Klein) and SimpleTuner's Flux layouts, on tiny models built from ComfyUI 0.3.75's own
+classes (``supported_models.Flux2`` → ``model_base.Flux2``, tests/family_models.py).
+
+FLUX.2 Klein base → distilled (the same config), through the nodes (Compute Basis → Match Modules →
+Project LoRA), the files node and the CLI. LoRA layouts, each placed by ComfyUI's own key map
+(``comfy.lora.model_lora_keys_unet``; ``model_base.Flux2`` is a ``model_base.Flux``, so the Flux
+branch applies):
+
+* BFL names with PEFT factors, the layout most Klein LoRAs are published in (ai-toolkit, ComfyUI
+  trainers): ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``, on whole fused weights;
+* kohya: ``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_single_blocks_0_linear1``, and FLUX.2's
+  shared modulation layers ``lora_unet_double_stream_modulation_img_lin`` /
+  ``lora_unet_single_stream_modulation_lin`` (reported as the modulation group);
+* diffusers names ComfyUI 0.3.75 maps for FLUX.2 through its Flux.1 table (``comfy.utils.flux_to_diffusers``):
+  ``transformer.transformer_blocks.0.attn.to_q`` … on row slices of ``img_attn.qkv`` / ``txt_attn.qkv``,
+  single-block ``attn.to_q/to_k/to_v`` on rows ``0:3h`` of ``linear1``, ``attn.to_out.0``, ``attn.to_add_out``;
+* diffusers' own FLUX.2 names for the MLPs and the single block's fused projection
+  (``ff.linear_in``, ``ff.linear_out``, ``attn.to_qkv_mlp_proj``, single-block ``attn.to_out``) are in
+  no ComfyUI 0.3.75 key map: ComfyUI loads none of them, and the pack reports each (it transfers the
+  rest, or refuses a LoRA made only of them).
+
+Each: ``copy`` output applied by ComfyUI changes the target exactly as the input file does;
+``prolora-full`` with target = source gives the input's change back; on a perturbed target every
+module (every slice on its own rows) matches the dense float64 reference (tests/reference.py).
+
+Shapes that cannot match: Klein 4B ↔ 9B and Flux.1 → FLUX.2 through the nodes (one message naming
+both models and sizes), and on files with the real key layout at real size: ComfyUI 0.3.75's
+detection reads FLUX.2 with FLUX.2-dev's 48 heads of 128, so it builds FLUX.2-dev (hidden 6144) but
+cannot build a Klein model (hidden 3072 or 4096) at all; the pack says so, naming the file.
+
+SimpleTuner (Flux.1): its ``lycoris_`` names (``lycoris_transformer_blocks_0_attn_to_q``), which
+ComfyUI maps, transfer with parity; with ``--fuse_qkv_projections`` it trains diffusers' fused
+``attn.to_qkv`` / ``attn.to_added_qkv`` (double blocks) and ``attn.to_qkv`` (single blocks), which no
+ComfyUI 0.3.75 key map places: ComfyUI drops them with "lora key not loaded", and the pack names
+each of them in its reports instead of dropping them silently.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import comfy_host
+import family_models as fm
+from fixtures_files import run_main
+from reference import reference_transfer
+from test_family_flux import places, view
+
+RANK, ALPHA = 4, 2.0
+D, S = "diffusion_model.double_blocks.0.", "diffusion_model.single_blocks.0."
+BFL = [D + "img_attn.qkv", D + "txt_attn.qkv", D + "img_attn.proj", D + "txt_attn.proj", D + "img_mlp.0", D + "img_mlp.2",
+       D + "txt_mlp.0", S + "linear1", S + "linear2"]
+TD, TS = "transformer.transformer_blocks.0.", "transformer.single_transformer_blocks.0."
+#: layout → (family, LoRA module names, PEFT lora_A/lora_B without alpha?)
+LAYOUTS: dict[str, tuple[str, list[str], bool]] = {
+    "flux2-bfl-peft": ("flux2_klein4b", BFL, True),
+    "flux2-kohya": ("flux2_klein4b", ["lora_unet_" + n.removeprefix("diffusion_model.").replace(".", "_") for n in BFL]
+                    + ["lora_unet_double_stream_modulation_img_lin", "lora_unet_double_stream_modulation_txt_lin",
+                       "lora_unet_single_stream_modulation_lin"], False),
+    "flux2-diffusers": ("flux2_klein4b", [TD + m for m in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
+                                                           "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out")]
+                        + [TS + m for m in ("attn.to_q", "attn.to_k", "attn.to_v")], True),
+    # SimpleTuner's LyCORIS naming of the Flux.1 diffusers modules (lora_down/lora_up + alpha)
+    "simpletuner-lycoris": ("flux", ["lycoris_" + n.removeprefix("transformer.").replace(".", "_") for n in (
+        TD + "attn.to_q", TD + "attn.to_k", TD + "attn.to_v", TD + "attn.add_q_proj", TD + "attn.to_out.0", TD + "ff.net.0.proj",
+        TS + "attn.to_q", TS + "proj_mlp", TS + "proj_out")], False),
+}
+#: diffusers' FLUX.2 module names that ComfyUI 0.3.75 does not map, with their (out, in) in hidden units h.
+FLUX2_DIFFUSERS_UNMAPPED = {TD + "ff.linear_in": (6, 1), TD + "ff.linear_out": (1, 3), TD + "ff_context.linear_in": (6, 1),
+                            TS + "attn.to_qkv_mlp_proj": (9, 1), TS + "attn.to_out": (1, 4)}
+#: SimpleTuner with fused QKV projections: diffusers' fused modules, (out, in) in hidden units.
+SIMPLETUNER_FUSED = {TD + "attn.to_qkv": (3, 1), TD + "attn.to_added_qkv": (3, 1), TS + "attn.to_qkv": (3, 1)}
+SIMPLETUNER_MAPPED = [TD + "attn.to_out.0", TD + "attn.to_add_out", TS + "proj_mlp", TS + "proj_out"]
+
+
+# --------------------------------------------------------------------------------------
+# Models, LoRAs, ComfyUI's application, the nodes
+# --------------------------------------------------------------------------------------
+
+def build(family: str, seed: int = 0) -> Any:
+    return comfy_host.tiny_flux_model(seed) if family == "flux" else fm.tiny_model(family, seed)
+
+
+@pytest.fixture(scope="module")
+def pair(comfyui: Any) -> Iterator[Any]:
+    """``pair(family)``: the tiny model and a fine-tuned-like descendant (+5 % noise), built once."""
+    built: dict[str, tuple[Any, Any]] = {}
+
+    def get(family: str) -> tuple[Any, Any]:
+        if family not in built:
+            src = build(family)
+            built[family] = (src, fm.descendant(src, 0.05, seed=11))
+        return built[family]
+
+    yield get
+    built.clear()
+
+
+def module_shape(model: Any, name: str) -> tuple[int, int]:
+    where = places(model)[name]
+    return tuple(view(model.model.state_dict()[where[0]], where).shape)  # type: ignore[return-value]
+
+
+def make_lora(model: Any, layout: str, seed: int = 1) -> dict[str, torch.Tensor]:
+    _, names, peft = LAYOUTS[layout]
+    return comfy_host.factor_lora({n: module_shape(model, n) for n in names}, peft=peft, rank=RANK, alpha=ALPHA, seed=seed)
+
+
+def hidden_lora(model: Any, modules: dict[str, tuple[int, int]], seed: int) -> dict[str, torch.Tensor]:
+    """PEFT factors on modules ComfyUI does not place, shaped in units of the model's hidden size."""
+    h = model.model.model_config.unet_config["hidden_size"]
+    return comfy_host.factor_lora({n: (a * h, b * h) for n, (a, b) in modules.items()}, peft=True, rank=RANK, alpha=ALPHA, seed=seed)
+
+
+def dense(lora: dict[str, torch.Tensor], name: str) -> np.ndarray:
+    return comfy_host.lora_delta(lora, name, ALPHA / RANK)
+
+
+applied = comfy_host.applied_by_comfyui
+_run = comfy_host.run_node
+
+
+def basis(nodes_by_id: dict[str, Any], model: Any) -> Any:
+    (handle,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=model, subspace_rank=0, device="cpu", use_cache=False)
+    return handle
+
+
+def project(nodes_by_id: dict[str, Any], bs: Any, bt: Any, lora: dict, mode: str) -> tuple[dict, str, str]:
+    match, summary = _run(nodes_by_id, "ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=lora, threshold=0.0, pairing="name")
+    out, report = _run(nodes_by_id, "ProLoRAProjectLoRA", lora=lora, match=match, mode=mode, out_rank=0, rescale_to_source_norm=False)
+    return out, summary, report
+
+
+def transfer(nodes_by_id: dict[str, Any], src: Any, tgt: Any, lora: dict, mode: str) -> tuple[dict, str, str]:
+    return project(nodes_by_id, basis(nodes_by_id, src), basis(nodes_by_id, tgt), lora, mode)
+
+
+def default_k(m: int, n: int) -> int:
+    return min(64, min(m, n) // 4)
+
+
+def not_loaded(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()]
+
+
+def raises_prolora(match: str) -> Any:
+    """The pack's ProLoRAError (imported under ComfyUI's module name: matched by class name)."""
+    return pytest.raises(Exception, match=match)
+
+
+def check_against_reference(lora: dict, names: list[str], src: Any, tgt: Any, out: dict, mode: str) -> None:
+    """Each module's change of ``tgt`` under ComfyUI's loader equals the dense float64 reference with
+    the bases of the weight or slice it sits on; rows and weights no module sits on stay as they were."""
+    before, after, src_sd = comfy_host.unet_weights(tgt), applied(tgt, out), comfy_host.unet_weights(src)
+    covered: dict[str, np.ndarray] = {}
+    for name in names:
+        where = places(src)[name]
+        key, offset, _ = where
+        delta = dense(lora, name)
+        want = reference_transfer(delta, view(src_sd[key].double().numpy(), where), view(before[key].double().numpy(), where),
+                                  default_k(*delta.shape), mode)
+        got = view((after[key] - before[key]).double().numpy(), where)
+        assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want), (name, mode)
+        mask = covered.setdefault(key, np.zeros(before[key].shape[0], dtype=bool))
+        mask[slice(offset[1], offset[1] + offset[2]) if offset else slice(None)] = True
+    for key in before:
+        rest = torch.from_numpy(~covered[key]) if key in covered else slice(None)
+        assert torch.equal(after[key][rest], before[key][rest]), key
+
+
+# --------------------------------------------------------------------------------------
+# The host builds FLUX.2 from its own class, and maps it with the Flux branch
+# --------------------------------------------------------------------------------------
+
+def test_the_tiny_flux2_is_comfyuis_flux2_with_its_layout(pair: Any) -> None:
+    import comfy.model_base
+
+    src, _ = pair("flux2_klein4b")
+    assert type(src.model) is comfy.model_base.Flux2 and type(src.model.model_config).__name__ == "Flux2"
+    sd, h = src.model.state_dict(), 64
+    shapes = {k: tuple(sd["diffusion_model." + k].shape) for k in (
+        "double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_mlp.0.weight", "single_blocks.0.linear1.weight",
+        "double_stream_modulation_img.lin.weight", "single_stream_modulation.lin.weight")}
+    assert shapes == {"double_blocks.0.img_attn.qkv.weight": (3 * h, h), "double_blocks.0.img_mlp.0.weight": (6 * h, h),
+                      "single_blocks.0.linear1.weight": (9 * h, h), "double_stream_modulation_img.lin.weight": (6 * h, h),
+                      "single_stream_modulation.lin.weight": (3 * h, h)}
+    assert not any(".img_mod." in k or ".modulation.lin." in k or k.endswith(".bias") for k in sd if k.startswith("diffusion_model."))
+    where = places(src)
+    assert where[TS + "attn.to_v"] == (S + "linear1.weight", (0, 2 * h, h), False)
+    # ComfyUI's Flux.1 table puts a ``proj_mlp`` on rows 3h:7h; FLUX.2's MLP input is rows 3h:9h
+    assert where[TS + "proj_mlp"] == (S + "linear1.weight", (0, 3 * h, 4 * h), False)
+    assert not set(FLUX2_DIFFUSERS_UNMAPPED) & set(where)
+
+
+# --------------------------------------------------------------------------------------
+# Each layout: copy parity, identity, the dense reference
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_copy_output_applies_in_comfyui_exactly_as_the_input(nodes_by_id: dict[str, Any], pair: Any, layout: str,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    family, names, _ = LAYOUTS[layout]
+    src, tgt = pair(family)
+    lora = make_lora(src, layout)
+    out, summary, report = transfer(nodes_by_id, src, tgt, lora, "copy")
+    n = len(names)
+    assert f"{n}/{n} modules transferred" in report, report
+    if layout == "flux2-kohya":  # FLUX.2's shared modulation layers are their own group
+        assert "modulation layers (3): transferred 3, not in target 0" in report, report
+    with caplog.at_level(logging.WARNING):
+        want, got = applied(tgt, lora), applied(tgt, out)
+    assert not not_loaded(caplog)
+    before = comfy_host.unet_weights(tgt)
+    changed = {k for k in before if not torch.equal(before[k], want[k])}
+    assert changed == {k for k in before if not torch.equal(before[k], got[k])} == {places(src)[m][0] for m in names}
+    for k in changed:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_target_equal_to_source_gives_the_input_back(nodes_by_id: dict[str, Any], pair: Any, layout: str) -> None:
+    src, _ = pair(LAYOUTS[layout][0])
+    lora = make_lora(src, layout, seed=2)
+    out, _, _ = transfer(nodes_by_id, src, src, lora, "prolora-full")
+    comfy_host.assert_same_change(comfy_host.unet_weights(src), applied(src, lora), applied(src, out))
+
+
+@pytest.mark.parametrize("mode", ["prolora-full", "prolora", "subspace"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_each_module_matches_the_dense_reference(nodes_by_id: dict[str, Any], pair: Any, layout: str, mode: str) -> None:
+    family, names, _ = LAYOUTS[layout]
+    src, tgt = pair(family)
+    lora = make_lora(src, layout, seed=3)
+    out, _, _ = transfer(nodes_by_id, src, tgt, lora, mode)
+    check_against_reference(lora, names, src, tgt, out, mode)
