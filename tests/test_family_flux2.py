@@ -238,3 +238,46 @@ def test_each_module_matches_the_dense_reference(nodes_by_id: dict[str, Any], pa
     lora = make_lora(src, layout, seed=3)
     out, _, _ = transfer(nodes_by_id, src, tgt, lora, mode)
     check_against_reference(lora, names, src, tgt, out, mode)
+
+
+# --------------------------------------------------------------------------------------
+# Names ComfyUI 0.3.75 does not map: reported, never dropped silently
+# --------------------------------------------------------------------------------------
+
+UNPLACED = {"flux2-diffusers-own": ("flux2_klein4b", FLUX2_DIFFUSERS_UNMAPPED, "Flux2"),
+            "simpletuner-fused": ("flux", SIMPLETUNER_FUSED, "Flux")}
+
+
+@pytest.mark.parametrize("case", list(UNPLACED))
+def test_modules_comfyui_does_not_map_are_reported_and_the_rest_transfers(nodes_by_id: dict[str, Any], pair: Any, case: str,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A LoRA with modules ComfyUI 0.3.75 places (diffusers ``attn.to_out.0`` …) and modules it does
+    not (FLUX.2's ``ff.linear_in``, ``attn.to_qkv_mlp_proj``; SimpleTuner's fused ``attn.to_qkv``):
+    ComfyUI applies the first and logs every tensor of the others as not loaded; the pack transfers
+    the first (``copy``: the same change as the input file) and names each of the others in Match
+    Modules' summary and Project LoRA's report."""
+    family, unplaced, kind = UNPLACED[case]
+    src, tgt = pair(family)
+    mapped = [TD + "attn.to_q", TD + "attn.to_out.0"] if family != "flux" else SIMPLETUNER_MAPPED
+    lora = {**comfy_host.factor_lora({n: module_shape(src, n) for n in mapped}, peft=True, rank=RANK, alpha=ALPHA, seed=4),
+            **hidden_lora(src, unplaced, seed=5)}
+    with caplog.at_level(logging.WARNING):
+        want = applied(tgt, lora)
+    missed = not_loaded(caplog)
+    assert len(missed) == 2 * len(unplaced) and all(any(n in m for m in missed) for n in unplaced), missed
+    caplog.clear()
+    out, summary, report = transfer(nodes_by_id, src, tgt, lora, "copy")
+    assert f"LoRA modules with no weight in the source model ({len(unplaced)})" in summary, summary
+    assert f"{len(mapped)}/{len(mapped)} modules transferred; unmapped: {len(unplaced)}" in report, report
+    for n in unplaced:
+        assert n in summary and f"{n}.*: no entry in ComfyUI's LoRA key map for this model: ComfyUI would not apply it either" in report, n
+        assert not any(k.startswith(n + ".") for k in out), n
+    with caplog.at_level(logging.WARNING):
+        got = applied(tgt, out)
+    assert not not_loaded(caplog)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+    only = hidden_lora(src, unplaced, seed=6)  # nothing ComfyUI places: refused, naming the model
+    with raises_prolora(rf"none of the LoRA's {len(unplaced)} modules maps onto the source model \({kind}\)") as info:
+        transfer(nodes_by_id, src, tgt, only, "copy")
+    assert type(info.value).__name__ == "ProLoRAError"
