@@ -281,3 +281,100 @@ def test_modules_comfyui_does_not_map_are_reported_and_the_rest_transfers(nodes_
     with raises_prolora(rf"none of the LoRA's {len(unplaced)} modules maps onto the source model \({kind}\)") as info:
         transfer(nodes_by_id, src, tgt, only, "copy")
     assert type(info.value).__name__ == "ProLoRAError"
+
+
+# --------------------------------------------------------------------------------------
+# Klein base → distilled from files: the CLI and the files node
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def klein_files(pair: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny Klein-like base and its descendant as bare diffusion-model files (FLUX.2's key names,
+    the tiny-model metadata carrying their config), a BFL-PEFT LoRA and a diffusers one."""
+    root = tmp_path_factory.mktemp("klein")
+    src, tgt = pair("flux2_klein4b")
+    paths = {"src": comfy_host.save_model_state(src, root / "diffusion_models" / "klein_base.safetensors", prefix=""),
+             "tgt": comfy_host.save_model_state(tgt, root / "diffusion_models" / "klein_distilled.safetensors", prefix="")}
+    (root / "loras").mkdir()
+    loras = {}
+    for layout in ("flux2-bfl-peft", "flux2-diffusers"):
+        loras[layout] = make_lora(src, layout, seed=7)
+        save_file(loras[layout], str(root / "loras" / f"{layout}.safetensors"))
+    return {"root": root, "src": src, "tgt": tgt, "paths": paths, "loras": loras}
+
+
+@pytest.mark.parametrize("layout", ["flux2-bfl-peft", "flux2-diffusers"])
+def test_cli_klein_base_to_distilled(klein_files: dict, layout: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    """``copy`` parity with ComfyUI's loader, and ``prolora-full`` against the dense reference, both
+    through ComfyUI's key map for the detected ``Flux2``."""
+    p, lora, n = klein_files["paths"], klein_files["loras"][layout], len(LAYOUTS[layout][1])
+    lora_path = klein_files["root"] / "loras" / f"{layout}.safetensors"
+    for mode in ("copy", "prolora-full"):
+        out = tmp_path / f"{mode}.safetensors"
+        rc, stdout, err = run_main(["transfer", "--source-base", p["src"], "--target-base", p["tgt"], "--lora", lora_path, "--out", out,
+                                    "--mode", mode, "--no-cache", "--device", "cpu"], capsys)
+        assert rc == 0, err
+        assert f"{layout}.safetensors: {n} modules\n  {n} transferred" in stdout, stdout
+        got = load_file(str(out))
+        if mode == "copy":
+            with caplog.at_level(logging.WARNING):
+                want, after = applied(klein_files["tgt"], lora), applied(klein_files["tgt"], got)
+            assert not not_loaded(caplog)
+            for k in want:
+                torch.testing.assert_close(after[k], want[k], rtol=1e-6, atol=1e-7)
+        else:
+            check_against_reference(lora, LAYOUTS[layout][1], klein_files["src"], klein_files["tgt"], got, mode)
+
+
+def test_files_node_klein_base_to_distilled(nodes_by_id: dict[str, Any], klein_files: dict, monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
+    import folder_paths
+
+    monkeypatch.setenv("PROLORA_CACHE_DIR", str(tmp_path / "cache"))
+    root, layout = klein_files["root"], "flux2-bfl-peft"
+    for folder in ("diffusion_models", "loras"):
+        folder_paths.add_model_folder_path(folder, str(root / folder), is_default=True)
+    try:
+        names, report = _run(nodes_by_id, "ProLoRATransferLoRAFiles", source_model="diffusion_models/klein_base.safetensors",
+                             target_model="diffusion_models/klein_distilled.safetensors", more_targets="", lora_name=f"{layout}.safetensors",
+                             more_loras="", mode="prolora", subspace_rank=0, threshold=0.0, pairing="name",
+                             filename_pattern="{lora}__to_{target}", device="cpu")
+    finally:
+        for folder in ("diffusion_models", "loras"):
+            folder_paths.folder_names_and_paths[folder][0].remove(str(root / folder))
+    n = len(LAYOUTS[layout][1])
+    assert names.strip() == f"{layout}__to_klein_distilled.safetensors", names
+    assert f"{layout}.safetensors: {n} modules\n  {n} transferred" in report, report
+    out = root / "loras" / names.strip()
+    try:
+        check_against_reference(klein_files["loras"][layout], LAYOUTS[layout][1], klein_files["src"], klein_files["tgt"],
+                                load_file(str(out)), "prolora")
+    finally:
+        out.unlink()
+
+
+def test_cli_names_simpletuners_fused_modules_it_cannot_place(pair: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A SimpleTuner LoRA trained with fused QKV projections, from files: the CLI warns, naming each
+    fused module ComfyUI's key map has no entry for, transfers the rest with ``copy`` parity, and
+    ``--strict`` makes the unplaced modules an error."""
+    src, tgt = pair("flux")
+    s = comfy_host.save_model_state(src, tmp_path / "flux_src.safetensors")
+    t = comfy_host.save_model_state(tgt, tmp_path / "flux_tgt.safetensors")
+    lora = {**comfy_host.factor_lora({n: module_shape(src, n) for n in SIMPLETUNER_MAPPED}, peft=True, rank=RANK, alpha=ALPHA, seed=8),
+            **hidden_lora(src, SIMPLETUNER_FUSED, seed=9)}
+    lora_path = tmp_path / "simpletuner_fused.safetensors"
+    save_file(lora, str(lora_path))
+    out = tmp_path / "out.safetensors"
+    rc, stdout, err = run_main(["transfer", "--source-base", s, "--target-base", t, "--lora", lora_path, "--out", out, "--mode", "copy",
+                                "--no-cache", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    assert f"{len(SIMPLETUNER_FUSED)} LoRA modules have no weight in" in err and all(f"'{n}'" in err for n in SIMPLETUNER_FUSED), err
+    with caplog.at_level(logging.WARNING):
+        want, got = applied(tgt, lora), applied(tgt, load_file(str(out)))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+    rc, _, err = run_main(["transfer", "--source-base", s, "--target-base", t, "--lora", lora_path, "--out", tmp_path / "strict.safetensors",
+                           "--mode", "copy", "--no-cache", "--device", "cpu", "--strict"], capsys)
+    assert rc == 2 and "(--strict)" in err and "to_qkv" in err, err
