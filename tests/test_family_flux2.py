@@ -378,3 +378,49 @@ def test_cli_names_simpletuners_fused_modules_it_cannot_place(pair: Any, tmp_pat
     rc, _, err = run_main(["transfer", "--source-base", s, "--target-base", t, "--lora", lora_path, "--out", tmp_path / "strict.safetensors",
                            "--mode", "copy", "--no-cache", "--device", "cpu", "--strict"], capsys)
     assert rc == 2 and "(--strict)" in err and "to_qkv" in err, err
+
+
+# --------------------------------------------------------------------------------------
+# Shapes that cannot match, through the nodes: one message naming both models
+# --------------------------------------------------------------------------------------
+
+def _size(model: Any) -> str:
+    return f"{fm.parameter_count(model) / 1e6:.2f} M parameters"
+
+
+@pytest.mark.parametrize("source_family, layout, kind", [("flux2_klein4b", "flux2-kohya", "Flux2"), ("flux", "simpletuner-lycoris", "Flux")])
+def test_klein4b_or_flux1_lora_on_klein9b_gets_one_message(nodes_by_id: dict[str, Any], pair: Any, source_family: str, layout: str,
+                                                           kind: str) -> None:
+    """Klein 4B → 9B and Flux.1 → Klein 9B (every width differs): Match Modules and Project LoRA
+    stop with one message naming both models ComfyUI's classes say they are, and their sizes."""
+    src, _ = pair(source_family)
+    tgt = fm.tiny_model("flux2_klein9b")
+    lora = make_lora(src, layout, seed=10)
+    with raises_prolora("shapes differ") as info:
+        transfer(nodes_by_id, src, tgt, lora, "prolora")
+    msg = str(info.value)
+    assert type(info.value).__name__ == "ProLoRAError" and msg.count("\n") == 0, msg
+    n = len(LAYOUTS[layout][1])
+    assert (f"the source model is {kind} ({_size(src)}, hidden_size 64) and the target model is Flux2 ({_size(tgt)}, hidden_size 96): "
+            f"none of the LoRA's {n} modules has a weight of its shape in the target") in msg, msg
+    assert "shapes differ: this method needs same-shape models" in msg, msg
+
+
+def test_flux1_lora_on_a_flux2_of_the_same_width_transfers_nothing_at_the_default_threshold(nodes_by_id: dict[str, Any], pair: Any) -> None:
+    """Flux.1-dev and Klein 4B have the same hidden size (3072), and so do the tiny models: their
+    attention weights share shapes, so there is no shape message. Those weights are unrelated, their
+    Φ is low (here 0.06–0.26), and at the default threshold (0.8) none transfers; the summary names
+    both families (``Flux → Flux2``), and the MLP and per-block modulation weights are reported
+    "another shape" / "not in target"."""
+    src, _ = pair("flux")
+    tgt = fm.tiny_model("flux2_klein4b")
+    lora = make_lora(src, "simpletuner-lycoris", seed=11)
+    match, summary = _run(nodes_by_id, "ProLoRAMatchModules", source_basis=basis(nodes_by_id, src), target_basis=basis(nodes_by_id, tgt),
+                          lora=lora, threshold=0.8, pairing="name")
+    assert "ProLoRA match: Flux → Flux2" in summary, summary
+    phis = [min(r["phi_u"], r["phi_v"]) for r in match.rows() if r.get("phi_u") is not None]
+    assert phis and max(phis) < 0.5, phis
+    out, report = _run(nodes_by_id, "ProLoRAProjectLoRA", lora=lora, match=match, mode="prolora", out_rank=0, rescale_to_source_norm=False)
+    assert f"0/{len(LAYOUTS['simpletuner-lycoris'][1])} modules transferred" in report and "below threshold" in report, report
+    assert "not in the target in that shape" in report, report
+    assert not out, sorted(out)[:4]
