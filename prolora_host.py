@@ -74,7 +74,9 @@ def detect_model(weights: Any) -> DetectedModel | None:
     family branch of ``comfy.lora.model_lora_keys_unet`` applies (Flux's q/k/v slices of the fused
     ``qkv``, SD3, Wan, Qwen-Image …). Entries whose weight the file lacks, and targets the engine
     cannot serve (a function other than ``swap_scale_shift`` applied to the update), are left out:
-    their modules are reported unmapped."""
+    their modules are reported unmapped. Raises :class:`ProLoRAError` when ComfyUI detects a family
+    whose detected config it cannot build (ComfyUI 0.3.75 reads every FLUX.2 file as FLUX.2-dev's
+    48 heads of 128, so a Klein 4B/9B file fails in its own loader too)."""
     import comfy.lora
     import comfy.model_detection
     import comfy.supported_models
@@ -95,7 +97,13 @@ def detect_model(weights: Any) -> DetectedModel | None:
             return None
         if config is None:
             return None
-    model = config.get_model({}, "", device=torch.device("meta"))
+    try:
+        model = config.get_model({}, "", device=torch.device("meta"))
+    except Exception as e:  # detected, but the detected config does not build (ComfyUI 0.3.75 on FLUX.2 Klein: 48 heads of 128 assumed)
+        width = next((f" ({k} {config.unet_config[k]})" for k in ("hidden_size", "dim") if k in config.unet_config), "")
+        raise ProLoRAError(f"ComfyUI detects {type(config).__name__}{width} in this file but cannot build that model "
+                           f"({type(e).__name__}: {e}); ComfyUI's own loader fails on it the same way",
+                           file=getattr(weights, "path", weights.label)) from e
     file_keys = set(weights.keys())
     out: dict[str, str] = {}
     for name, target in comfy.lora.model_lora_keys_unet(model, {}).items():

@@ -424,3 +424,129 @@ def test_flux1_lora_on_a_flux2_of_the_same_width_transfers_nothing_at_the_defaul
     assert f"0/{len(LAYOUTS['simpletuner-lycoris'][1])} modules transferred" in report and "below threshold" in report, report
     assert "not in the target in that shape" in report, report
     assert not out, sorted(out)[:4]
+
+
+# --------------------------------------------------------------------------------------
+# Files with the real key layout at real size: what ComfyUI 0.3.75's detection makes of them
+# --------------------------------------------------------------------------------------
+
+#: name → (hidden size, latent channels × patch², FLUX.2?): Flux.1-dev, FLUX.2-dev, FLUX.2 Klein 4B and 9B.
+REAL = {"flux1_dev": (3072, 64, False), "flux2_dev": (6144, 128, True), "klein_4b": (3072, 128, True), "klein_9b": (4096, 128, True)}
+#: LoRA modules on the small weights written below (kohya names, which every Flux key map has).
+REAL_MODULES = {"lora_unet_img_in": "img_in.weight", "lora_unet_time_in_in_layer": "time_in.in_layer.weight",
+                "lora_unet_final_layer_linear": "final_layer.linear.weight"}
+
+
+def real_layout_file(path: Path, hidden: int, channels: int, flux2: bool) -> dict[str, torch.Tensor]:
+    """A bare diffusion-model file with the real key names and real shapes of the tensors ComfyUI's
+    detection reads (``img_in`` gives the hidden size and channels, ``double_blocks.0.img_attn.norm.key_norm.scale``
+    and, for Flux.1, ``vector_in``/``guidance_in`` are read by shape or presence), plus the small
+    weights the LoRA sits on (``time_in.in_layer``, ``final_layer.linear``). The one weight whose
+    presence alone tells FLUX.2 from Flux.1, ``double_stream_modulation_img.lin`` ([6h, h], 226 M
+    values for FLUX.2-dev), is written with its real row count and no columns: detection tests
+    only that the key exists. Nothing else of the model is written, so the sizes in messages are
+    those of these tensors. fp16, seeded values."""
+    gen = torch.Generator().manual_seed(hidden + channels)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return (0.02 * torch.randn(shape, generator=gen)).half()
+
+    t = {"double_blocks.0.img_attn.norm.key_norm.scale": torch.ones(128, dtype=torch.float16), "img_in.weight": rnd(hidden, channels),
+         "time_in.in_layer.weight": rnd(hidden, 256), "final_layer.linear.weight": rnd(channels, hidden)}
+    if flux2:
+        t["double_stream_modulation_img.lin.weight"] = torch.empty(6 * hidden, 0, dtype=torch.float16)
+    else:
+        t["vector_in.in_layer.weight"], t["guidance_in.in_layer.weight"] = rnd(hidden, 768), rnd(hidden, 256)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(path))
+    return t
+
+
+@pytest.fixture(scope="module")
+def real_files(comfyui: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("flux_real")
+    tensors = {name: real_layout_file(root / "diffusion_models" / f"{name}.safetensors", *spec) for name, spec in REAL.items()}
+    (root / "loras").mkdir()
+    for name in ("flux1_dev", "klein_4b"):
+        shapes = {m: tuple(tensors[name][k].shape) for m, k in REAL_MODULES.items()}
+        save_file(comfy_host.factor_lora(shapes, peft=False, rank=RANK, alpha=ALPHA, seed=12), str(root / "loras" / f"{name}_style.safetensors"))
+    return {"root": root, "tensors": tensors, "path": lambda n: root / "diffusion_models" / f"{n}.safetensors",
+            "lora": lambda n: root / "loras" / f"{n}_style.safetensors"}
+
+
+def test_comfyuis_detection_builds_flux1_and_flux2_dev_but_not_klein(real_files: dict) -> None:
+    """ComfyUI 0.3.75's own detection (``model_config_from_unet``) and model class (``get_model`` on
+    the meta device, what its loader calls) on the files: Flux.1-dev → ``Flux``, FLUX.2-dev →
+    ``Flux2`` (hidden 6144, 48 heads); Klein 4B and 9B are detected as ``Flux2`` with FLUX.2-dev's 48
+    heads of 128 at their own hidden size, which the model class refuses: this host cannot load a
+    Klein checkpoint at all."""
+    import comfy.model_detection
+
+    built, failed = {}, {}
+    for name, t in real_files["tensors"].items():
+        config = comfy.model_detection.model_config_from_unet({k: torch.empty(v.shape, device="meta") for k, v in t.items()}, "")
+        assert config.unet_config["hidden_size"] == REAL[name][0] and config.unet_config.get("image_model") == ("flux2" if REAL[name][2] else "flux")
+        try:
+            config.get_model({}, "", device=torch.device("meta"))
+            built[name] = type(config).__name__
+        except ValueError as e:
+            failed[name] = (config.unet_config["num_heads"], str(e))
+    assert built == {"flux1_dev": "Flux", "flux2_dev": "Flux2"}, built
+    assert failed == {"klein_4b": (48, "Got [32, 32, 32, 32] but expected positional dim 64"),
+                      "klein_9b": (48, "Hidden size 4096 must be divisible by num_heads 48")}, failed
+
+
+def _files_node(nodes_by_id: dict[str, Any], root: Path, source: str, target: str, lora: str) -> tuple[str, str]:
+    import folder_paths
+
+    for folder in ("diffusion_models", "loras"):
+        folder_paths.add_model_folder_path(folder, str(root / folder), is_default=True)
+    try:
+        return _run(nodes_by_id, "ProLoRATransferLoRAFiles", source_model=f"diffusion_models/{source}.safetensors",  # type: ignore[return-value]
+                    target_model=f"diffusion_models/{target}.safetensors", more_targets="", lora_name=f"{lora}.safetensors", more_loras="",
+                    mode="prolora", subspace_rank=0, threshold=0.0, pairing="name", filename_pattern="{lora}__to_{target}", device="cpu")
+    finally:
+        for folder in ("diffusion_models", "loras"):
+            folder_paths.folder_names_and_paths[folder][0].remove(str(root / folder))
+
+
+def test_flux1_dev_lora_onto_flux2_dev_gives_one_message(nodes_by_id: dict[str, Any], real_files: dict, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI and the files node: one message naming ComfyUI's detected families and widths."""
+    monkeypatch.setenv("PROLORA_CACHE_DIR", str(tmp_path / "cache"))
+    with raises_prolora("shapes differ") as info:
+        _files_node(nodes_by_id, real_files["root"], "flux1_dev", "flux2_dev", "flux1_dev_style")
+    assert type(info.value).__name__ == "ProLoRAError"
+    assert "the source model is Flux (" in str(info.value) and "hidden_size 3072) and the target model is Flux2 (" in str(info.value)
+    p = real_files["path"]
+    rc, _, err = run_main(["transfer", "--source-base", p("flux1_dev"), "--target-base", p("flux2_dev"), "--lora", real_files["lora"]("flux1_dev"),
+                           "--out-dir", tmp_path, "--no-cache", "--device", "cpu"], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1, err
+    size = {n: f"{sum(v.numel() for v in real_files['tensors'][n].values()) / 1e6:.2f} M parameters" for n in ("flux1_dev", "flux2_dev")}
+    assert (f"the source model is Flux ({size['flux1_dev']}, hidden_size 3072) and the target model is Flux2 ({size['flux2_dev']}, "
+            f"hidden_size 6144): none of the LoRA's 3 modules has a weight of its shape in the target") in errors[0], errors[0]
+    assert "shapes differ: this method needs same-shape models" in errors[0]
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_klein_4b_and_9b_files_cannot_be_read_by_this_comfyui_and_the_pack_says_so(nodes_by_id: dict[str, Any], real_files: dict,
+                                                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Klein 4B → 9B from files. The files node needs ComfyUI's reading of the file: it stops with
+    the reason, naming the file. The CLI says ComfyUI cannot read either file, places the LoRA by
+    weight names, and stops with one "shapes differ" message naming the two files."""
+    monkeypatch.setenv("PROLORA_CACHE_DIR", str(tmp_path / "cache"))
+    p = real_files["path"]
+    with raises_prolora("cannot build that model") as info:
+        _files_node(nodes_by_id, real_files["root"], "klein_4b", "klein_9b", "klein_4b_style")
+    msg = str(info.value)
+    assert type(info.value).__name__ == "ProLoRAError" and "klein_4b.safetensors" in msg, msg
+    assert "ComfyUI detects Flux2 (hidden_size 3072) in this file but cannot build that model (ValueError: Got [32, 32, 32, 32]" in msg, msg
+    rc, _, err = run_main(["transfer", "--source-base", p("klein_4b"), "--target-base", p("klein_9b"), "--lora", real_files["lora"]("klein_4b"),
+                           "--out-dir", tmp_path, "--no-cache", "--device", "cpu"], capsys)
+    assert rc == 2, err
+    assert "ComfyUI cannot read klein_4b.safetensors" in err and "ComfyUI cannot read klein_9b.safetensors" in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the source model is klein_4b.safetensors" in errors[0] and "the target model is klein_9b.safetensors" in errors[0]
+    assert "shapes differ: this method needs same-shape models" in errors[0], errors[0]
