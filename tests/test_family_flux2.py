@@ -13,7 +13,8 @@ branch applies):
   ``lora_unet_single_stream_modulation_lin`` (reported as the modulation group);
 * diffusers names ComfyUI 0.3.75 maps for FLUX.2 through its Flux.1 table (``comfy.utils.flux_to_diffusers``):
   ``transformer.transformer_blocks.0.attn.to_q`` … on row slices of ``img_attn.qkv`` / ``txt_attn.qkv``,
-  single-block ``attn.to_q/to_k/to_v`` on rows ``0:3h`` of ``linear1``, ``attn.to_out.0``, ``attn.to_add_out``;
+  single-block ``attn.to_q/to_k/to_v`` on rows ``0:3h`` of ``linear1``, ``attn.to_out.0``, ``attn.to_add_out``,
+  ``norm_out.linear`` on ``final_layer.adaLN_modulation.1`` with its row halves swapped;
 * diffusers' own FLUX.2 names for the MLPs and the single block's fused projection
   (``ff.linear_in``, ``ff.linear_out``, ``attn.to_qkv_mlp_proj``, single-block ``attn.to_out``) are in
   no ComfyUI 0.3.75 key map: ComfyUI loads none of them, and the pack reports each (it transfers the
@@ -64,7 +65,7 @@ LAYOUTS: dict[str, tuple[str, list[str], bool]] = {
                        "lora_unet_single_stream_modulation_lin"], False),
     "flux2-diffusers": ("flux2_klein4b", [TD + m for m in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
                                                            "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out")]
-                        + [TS + m for m in ("attn.to_q", "attn.to_k", "attn.to_v")], True),
+                        + [TS + m for m in ("attn.to_q", "attn.to_k", "attn.to_v")] + ["transformer.norm_out.linear"], True),
     # SimpleTuner's LyCORIS naming of the Flux.1 diffusers modules (lora_down/lora_up + alpha)
     "simpletuner-lycoris": ("flux", ["lycoris_" + n.removeprefix("transformer.").replace(".", "_") for n in (
         TD + "attn.to_q", TD + "attn.to_k", TD + "attn.to_v", TD + "attn.add_q_proj", TD + "attn.to_out.0", TD + "ff.net.0.proj",
