@@ -38,18 +38,18 @@ each of them in its reports instead of dropping them silently.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
-
-import numpy as np
-import pytest
-import torch
-from safetensors.torch import load_file, save_file
+from typing import Any
 
 import comfy_host
 import family_models as fm
+import numpy as np
+import pytest
+import torch
 from fixtures_files import run_main
 from reference import reference_transfer
+from safetensors.torch import load_file, save_file
 from test_family_flux import places, view
 
 RANK, ALPHA = 4, 2.0
@@ -208,7 +208,7 @@ def test_copy_output_applies_in_comfyui_exactly_as_the_input(nodes_by_id: dict[s
     family, names, _ = LAYOUTS[layout]
     src, tgt = pair(family)
     lora = make_lora(src, layout)
-    out, summary, report = transfer(nodes_by_id, src, tgt, lora, "copy")
+    out, _, report = transfer(nodes_by_id, src, tgt, lora, "copy")
     n = len(names)
     assert f"{n}/{n} modules transferred" in report, report
     if layout == "flux2-kohya":  # FLUX.2's shared modulation layers are their own group
@@ -368,7 +368,7 @@ def test_cli_names_simpletuners_fused_modules_it_cannot_place(pair: Any, tmp_pat
     lora_path = tmp_path / "simpletuner_fused.safetensors"
     save_file(lora, str(lora_path))
     out = tmp_path / "out.safetensors"
-    rc, stdout, err = run_main(["transfer", "--source-base", s, "--target-base", t, "--lora", lora_path, "--out", out, "--mode", "copy",
+    rc, _, err = run_main(["transfer", "--source-base", s, "--target-base", t, "--lora", lora_path, "--out", out, "--mode", "copy",
                                 "--no-cache", "--device", "cpu"], capsys)
     assert rc == 0, err
     assert f"{len(SIMPLETUNER_FUSED)} LoRA modules have no weight in" in err and all(f"'{n}'" in err for n in SIMPLETUNER_FUSED), err
