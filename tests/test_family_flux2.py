@@ -241,6 +241,28 @@ def test_each_module_matches_the_dense_reference(nodes_by_id: dict[str, Any], pa
     check_against_reference(lora, names, src, tgt, out, mode)
 
 
+def test_bfl_lokr_on_fused_weights_copy_and_identity(nodes_by_id: dict[str, Any], pair: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """LyCORIS LoKr under BFL names (``diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1`` /
+    ``lokr_w2``, another layout Klein LoRAs are shared in): ``copy`` applies in ComfyUI as the input
+    does, and ``prolora-full`` with target = source gives the input's change back up to the dense
+    re-factoring of a LoKr (the smallest rank keeping 99.9 % of Σσ², so within √0.001 ≈ 3.2 % of the
+    change's norm: README, honest limits)."""
+    src, tgt = pair("flux2_klein4b")
+    gen = torch.Generator().manual_seed(13)
+    factors = {D + "img_attn.qkv": ((4, 4), (48, 16)), S + "linear1": ((8, 8), (72, 8)), D + "img_mlp.2": ((4, 4), (16, 48))}
+    lora: dict[str, torch.Tensor] = {}
+    for name, (w1, w2) in factors.items():
+        assert (w1[0] * w2[0], w1[1] * w2[1]) == module_shape(src, name), name
+        lora[f"{name}.lokr_w1"], lora[f"{name}.lokr_w2"] = 0.1 * torch.randn(w1, generator=gen), 0.1 * torch.randn(w2, generator=gen)
+    for model, mode in ((tgt, "copy"), (src, "prolora-full")):
+        out, _, report = transfer(nodes_by_id, src, model, lora, mode)
+        assert f"{len(factors)}/{len(factors)} modules transferred" in report, report
+        with caplog.at_level(logging.WARNING):
+            want, got = applied(model, lora), applied(model, out)
+        assert not not_loaded(caplog)
+        comfy_host.assert_same_change(comfy_host.unet_weights(model), want, got, rel=1e-5 if mode == "copy" else 0.001 ** 0.5)
+
+
 # --------------------------------------------------------------------------------------
 # Names ComfyUI 0.3.75 does not map: reported, never dropped silently
 # --------------------------------------------------------------------------------------
