@@ -96,12 +96,14 @@ class TransferLoRAFiles(io.ComfyNode):
         if len(targets) > 1 and len({s for row in stems for s in row}) < len(paths) * len(targets):
             raise ProLoRAError(f"the file name pattern {filename_pattern!r} gives two outputs the same name: with several targets it needs {{target}}")
         cache = BasisCache(cache_dir(), config.basis)
+        warnings: list[str] = []  # modules ComfyUI's key map does not place, LoRAs left out …: named in the report
         run = transfer_files(resolve_model_file(source_model), [resolve_model_file(t) for t in targets], paths, config,
                              lambda li, ti: free_path(paths[li].parent, stems[li][ti]), detect=detect_model, need_detect=True, cache=cache,
-                             progress=progress(1), check_interrupt=check_interrupt,
+                             progress=progress(1), check_interrupt=check_interrupt, warn=warnings.append,
+                             listed_in="the CLI's --report JSON",
                              on_saved=lambda out: f"  saved as {lora_list_name(out)}")
         evicted = cache.limit(cache_max_gb)
-        lines = run.lines + [f"left out: {why}" for _, why in run.failed]
+        lines = run.lines + [f"warning: {w}" for w in warnings]
         lines.append(cache.describe(cache_max_gb) + (f"; removed the {evicted} least recently used" if evicted else ""))
         saved = [lora_list_name(p) for p in run.written]
         if not saved:

@@ -377,18 +377,26 @@ def test_files_node_klein_base_to_distilled(nodes_by_id: dict[str, Any], klein_f
         out.unlink()
 
 
-def test_cli_names_simpletuners_fused_modules_it_cannot_place(pair: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                                caplog: pytest.LogCaptureFixture) -> None:
-    """A SimpleTuner LoRA trained with fused QKV projections, from files: the CLI warns, naming each
-    fused module ComfyUI's key map has no entry for, transfers the rest with ``copy`` parity, and
-    ``--strict`` makes the unplaced modules an error."""
+def test_cli_and_files_node_name_simpletuners_fused_modules_they_cannot_place(nodes_by_id: dict[str, Any], pair: Any, tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A SimpleTuner LoRA trained with fused QKV projections, from files: the CLI and the files node
+    warn, naming each fused module ComfyUI's key map has no entry for, and transfer the rest (CLI:
+    ``copy`` parity); ``--strict`` makes the unplaced modules an error."""
+    monkeypatch.setenv("PROLORA_CACHE_DIR", str(tmp_path / "cache"))
     src, tgt = pair("flux")
-    s = comfy_host.save_model_state(src, tmp_path / "flux_src.safetensors")
-    t = comfy_host.save_model_state(tgt, tmp_path / "flux_tgt.safetensors")
+    s = comfy_host.save_model_state(src, tmp_path / "diffusion_models" / "flux_src.safetensors")
+    t = comfy_host.save_model_state(tgt, tmp_path / "diffusion_models" / "flux_tgt.safetensors")
     lora = {**comfy_host.factor_lora({n: module_shape(src, n) for n in SIMPLETUNER_MAPPED}, peft=True, rank=RANK, alpha=ALPHA, seed=8),
             **hidden_lora(src, SIMPLETUNER_FUSED, seed=9)}
-    lora_path = tmp_path / "simpletuner_fused.safetensors"
+    lora_path = tmp_path / "loras" / "simpletuner_fused.safetensors"
+    lora_path.parent.mkdir()
     save_file(lora, str(lora_path))
+    names, report = _files_node(nodes_by_id, tmp_path, "flux_src", "flux_tgt", "simpletuner_fused")
+    assert names.strip() == "simpletuner_fused__to_flux_tgt.safetensors", names
+    assert f"{len(SIMPLETUNER_MAPPED)} transferred" in report and f"{len(SIMPLETUNER_FUSED)} not mapped" in report, report
+    assert f"warning: {len(SIMPLETUNER_FUSED)} LoRA modules have no weight in flux_src.safetensors" in report, report
+    assert all(f"'{n}'" in report for n in SIMPLETUNER_FUSED), report
     out = tmp_path / "out.safetensors"
     rc, _, err = run_main(["transfer", "--source-base", s, "--target-base", t, "--lora", lora_path, "--out", out, "--mode", "copy",
                                 "--no-cache", "--device", "cpu"], capsys)
