@@ -190,6 +190,21 @@ def phi_table(zoo: DitZoo, targets: list[str], threshold: float = DEFAULT_THRESH
     return out
 
 
+@torch.no_grad()
+def domain_losses(zoo: DitZoo, names: list[str], n: int) -> dict[str, dict[str, float]]:
+    """Flow loss of each model (the source too) on ``base`` and on ``shifted`` images (one fixed
+    draw of ``n``): that every member denoises, and where the fine-tune moved."""
+    out = {}
+    for domain in ("base", "shifted"):
+        x0, ctx = Z.batch(domain, n, 800_000, zoo.table)
+        gen = torch.Generator().manual_seed(77)
+        noise, sigma = torch.randn(x0.shape, generator=gen), Z.sigmas(zoo.source.patcher.model, n, gen)
+        for name in ["dit_source"] + names:
+            t = zoo.source if name == "dit_source" else zoo.target(name)
+            out.setdefault(name, {})[domain] = float(Z.flow_loss(t.patcher.model, None, x0, ctx, noise, sigma).mean())
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # Gap closed
 # ------------------------------------------------------------------------------------------------
@@ -252,9 +267,14 @@ def format_report(res: dict) -> str:
              "Cells: mean ± std over the source LoRA's training seeds. Whole-weight bases: the same ΔW in kohya fused "
              "layout, projected with the fused weight's bases instead of each slice's.\n",
              "### Φ against the source (every 2-D weight shared by name and shape; default k)\n",
-             "| model | median Φ | modules ≥ 0.8 |", "|---|---|---|"]
+             "| model | median Φ | modules ≥ 0.8 | flow loss on `base` | on `shifted` |", "|---|---|---|---|---|"]
+    ls = res.get("losses", {})
+    if "dit_source" in ls:
+        lines.append(f"| dit_source | 1 | – | {ls['dit_source']['base']:.4f} | {ls['dit_source']['shifted']:.4f} |")
     for name, p in phi.items():
-        lines.append(f"| {name} | {p['median']:.3f} | {p['passing']}/{p['modules']} |")
+        lo = ls.get(name, {})
+        lines.append(f"| {name} | {p['median']:.3f} | {p['passing']}/{p['modules']} | {lo.get('base', float('nan')):.4f} "
+                     f"| {lo.get('shifted', float('nan')):.4f} |")
     for lora in dict.fromkeys(r["lora"] for r in rows):
         lines.append(f"\n### {lora} LoRA: gap closed on the LoRA's data / in the target's domain\n")
         targets = list(dict.fromkeys(r["target"] for r in rows if r["lora"] == lora))
@@ -295,9 +315,26 @@ def run(args) -> dict:
     seeds = list(range(args.seeds))
     ev = FlowEvaluator(zoo, args.n_loss, [0])
     phi = phi_table(zoo, args.targets)
+    losses = domain_losses(zoo, args.targets, args.n_loss)
     rows = gap_rows(zoo, ev, args.targets, args.loras, seeds, whole=not args.quick)
     own = {f"{l} → {t}": own_copy_gap(zoo, ev, l, t) for l in args.loras for t in args.targets[:1]}
-    return dict(phi=phi, rows=rows, own_copy=own, seeds=seeds, n_loss=args.n_loss, seconds=time.time() - t0)
+    return dict(phi=phi, losses=losses, rows=rows, own_copy=own, seeds=seeds, n_loss=args.n_loss, seconds=time.time() - t0)
+
+
+def merge(parts: list[dict]) -> dict:
+    """One result from runs on disjoint targets (same settings): dicts united, rows concatenated in
+    target order, run time = the longest run (they ran in parallel)."""
+    out = dict(parts[0], phi={}, losses={}, rows=[], own_copy={})
+    for p in parts:
+        out["phi"].update(p["phi"])
+        out["losses"].update(p["losses"])
+        out["rows"] += p["rows"]
+        out["own_copy"].update(p["own_copy"])
+    order = {t: i for i, t in enumerate(Z.TARGETS)}
+    out["rows"].sort(key=lambda r: (Z.LORAS.index(r["lora"]), order.get(r["target"], 99)))
+    out["phi"] = dict(sorted(out["phi"].items(), key=lambda kv: order.get(kv[0], 99)))
+    out["seconds"] = max(p["seconds"] for p in parts)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,17 +346,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--targets", nargs="*", default=list(Z.TARGETS))
     ap.add_argument("--loras", nargs="*", default=list(Z.LORAS))
-    ap.add_argument("--json", type=Path, default=RESULTS_JSON)
+    ap.add_argument("--json", type=Path, default=None, help=f"raw results (full run default: {RESULTS_JSON}; --quick writes one only when given)")
     ap.add_argument("--md", type=Path, default=EVIDENCE_DIR / "results.md")
     ap.add_argument("--report", action="store_true", help="only rewrite the results.md section from the JSON")
+    ap.add_argument("--merge", nargs="*", type=Path, help="merge the JSONs of earlier runs (e.g. one per target) into --json, then report")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.n_loss, args.targets, args.loras = 1, 64, ["dit_finetune", "dit_sibling"], ["style"]
-    if args.report:
+    if args.json is None and not args.quick:
+        args.json = RESULTS_JSON
+    if args.merge:
+        res = merge([json.loads(p.read_text()) for p in args.merge])
+        args.json.write_text(json.dumps(res, indent=1))
+    elif args.report:
         res = json.loads(args.json.read_text())
     else:
         res = run(args)
-        if not args.quick:
+        if args.json is not None:
             args.json.write_text(json.dumps(res, indent=1))
     section = format_report(res)
     if not args.quick:
