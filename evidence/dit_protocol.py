@@ -357,13 +357,13 @@ def main(argv: list[str] | None = None) -> int:
         args.json = RESULTS_JSON
     if args.merge:
         res = merge([json.loads(p.read_text()) for p in args.merge])
-        args.json.write_text(json.dumps(res, indent=1))
+        args.json.write_text(json.dumps(res, indent=1, ensure_ascii=False))
     elif args.report:
         res = json.loads(args.json.read_text())
     else:
         res = run(args)
         if args.json is not None:
-            args.json.write_text(json.dumps(res, indent=1))
+            args.json.write_text(json.dumps(res, indent=1, ensure_ascii=False))
     section = format_report(res)
     if not args.quick:
         write_section(args.md, section)
