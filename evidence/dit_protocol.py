@@ -38,7 +38,7 @@ from . import EVIDENCE_DIR, configure_host
 configure_host()
 
 from prolora_core.basis import compute_basis, default_rank  # noqa: E402
-from prolora_core.lora import LoraFile, parse_state_dict, read_lora  # noqa: E402
+from prolora_core.lora import LoraFile, parse_state_dict  # noqa: E402
 from prolora_core.plan import Planned  # noqa: E402
 from prolora_core.similarity import basis_similarity  # noqa: E402
 from prolora_core.slices import place_key  # noqa: E402
@@ -47,7 +47,7 @@ from prolora_core.weights import SafetensorsWeights  # noqa: E402
 from prolora_dev import tiny_models  # noqa: E402
 
 from . import dit_zoo as Z  # noqa: E402
-from .protocol import Ends, Evaluator, Target, gap, log, mean, mstd  # noqa: E402
+from .protocol import Evaluator, Target, log, mean, mstd  # noqa: E402
 
 METHODS = ("copy", "subspace", "prolora", "prolora-full", "casa")
 WHOLE = ("prolora-full", "casa")  # also run with whole-weight bases (kohya fused file)
@@ -211,8 +211,6 @@ def domain_losses(zoo: DitZoo, names: list[str], n: int) -> dict[str, dict[str, 
 
 def gap_rows(zoo: DitZoo, ev: FlowEvaluator, targets: list[str], loras: list[str], seeds: list[int], whole: bool = True) -> list[dict]:
     """One row per (LoRA, target, method): gap closed on the loss / in domain per LoRA seed."""
-    import comfy.lora  # noqa: F401  (ComfyUI set up by configure_host)
-
     rows = []
     s_eval = 0
     for lora in loras:

@@ -44,7 +44,6 @@ Budget: single-threaded; see evidence/README.md ("DiT zoo") for the measured bui
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
