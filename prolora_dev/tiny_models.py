@@ -76,7 +76,7 @@ FLUX_UNET_CONFIG: dict[str, Any] = {
 CHROMA_UNET_CONFIG: dict[str, Any] = {
     "image_model": "chroma", "in_channels": 16, "out_channels": 16, "context_in_dim": 32, "hidden_size": 64,
     "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000,
-    "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 344, "hidden_dim": 32, "n_layers": 1,
+    "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 64, "hidden_dim": 32, "n_layers": 1,
 }
 
 

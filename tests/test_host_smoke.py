@@ -64,6 +64,24 @@ def test_tiny_model_samples_deterministically(comfyui: Any, kind: str) -> None:
     torch.testing.assert_close(comfy_host.sample_step(model, positive, negative, seed=3), out)  # original untouched
 
 
+@pytest.mark.parametrize("kind", ["Flux", "Chroma"])
+def test_tiny_dit_runs_a_forward_pass(comfyui: Any, kind: str) -> None:
+    """The tiny Flux and Chroma (what the Tiny Model node offers) run through ComfyUI's own
+    ``apply_model``: their configs are consistent (Chroma's approximator writes ``hidden_size``-wide
+    modulation vectors, its ``img_in`` reads the patched latent)."""
+    from prolora_dev.tiny_models import CHROMA_UNET_CONFIG, FLUX_UNET_CONFIG, build_model
+
+    config = FLUX_UNET_CONFIG if kind == "Flux" else CHROMA_UNET_CONFIG
+    model = build_model(kind, config, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    context = torch.randn(1, 3, config["context_in_dim"], generator=gen)
+    extra = {"y": torch.randn(1, config["vec_in_dim"], generator=gen)} if kind == "Flux" else {}
+    out = model.model.apply_model(x, torch.tensor([0.5]), c_crossattn=context, guidance=torch.tensor([1.0]), **extra)
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all() and out.abs().max() > 0
+
+
 @pytest.mark.parametrize("kind", ["SD15", "SDXL"])
 def test_kohya_lora_keys_map_and_patch_the_tiny_unet(comfyui: Any, kind: str) -> None:
     import comfy.lora
