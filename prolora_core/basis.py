@@ -33,6 +33,8 @@ from torch import Tensor
 from .linalg import as_matrix, linalg_device
 
 Method = Literal["auto", "exact", "randomized"]
+#: dtypes bases may be held and cached in (``BasisSettings.cache_dtype``)
+CACHE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 #: Bump when anything that changes a basis changes; it is part of every cache key.
 ALGORITHM_VERSION = 3  # 3: block Krylov, tol on the estimated distance; 2: bases carry their uncertainty
@@ -51,11 +53,24 @@ class BasisSettings:
     compute_dtype: torch.dtype = torch.float32
     #: one CPU thread for every basis and projection, so the bits do not depend on the thread count
     deterministic: bool = False
+    #: precision ``U`` and ``V`` are held in (and cached in): ``None`` = the compute dtype; float16 or
+    #: bfloat16 round them once after computing, so a cold, a warm and an uncached run give the same bits
+    cache_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES.values():
+            raise ValueError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype}")
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype ``U`` and ``V`` are rounded to and cached in."""
+        return self.cache_dtype if self.cache_dtype is not None else self.compute_dtype
 
     def key(self) -> str:
         dt = str(self.compute_dtype).removeprefix("torch.")
         det = "-det" if self.deterministic else ""
-        return f"v{ALGORITHM_VERSION}-{self.method}-p{self.oversample}-it{self.max_iter}-tol{self.tol:g}-s{self.seed}-{dt}{det}"
+        held = "" if self.stored_dtype == self.compute_dtype else "-c" + str(self.stored_dtype).removeprefix("torch.")
+        return f"v{ALGORITHM_VERSION}-{self.method}-p{self.oversample}-it{self.max_iter}-tol{self.tol:g}-s{self.seed}-{dt}{det}{held}"
 
 
 @dataclass(frozen=True)
@@ -162,6 +177,21 @@ def compute_bases(weights: Sequence[Tensor] | Tensor, k: int, settings: BasisSet
     dev = torch.device(device) if device is not None else stacked.device
     if linalg_device(dev) != dev:
         return [b.to(dev) for b in compute_bases(stacked, k, settings, linalg_device(dev), own)]
+    return [held_as(b, settings) for b in _compute(stacked, k, settings, dev, own)]
+
+
+def held_as(basis: Basis, settings: BasisSettings) -> Basis:
+    """``basis`` with ``U`` and ``V`` rounded to ``settings.stored_dtype`` and back to the compute dtype
+    (unchanged when they are the same): what the cache holds, so cached and fresh bases are equal."""
+    held = settings.stored_dtype
+    if held == basis.U.dtype:
+        return basis
+    return Basis(basis.U.to(held).to(basis.U.dtype), basis.S, basis.V.to(held).to(basis.V.dtype), basis.shape, basis.method,
+                 basis.iterations, basis.subspace_change, basis.uncertainty)
+
+
+def _compute(stacked: Tensor, k: int, settings: BasisSettings, dev: torch.device, own: list[tuple[int, ...]]) -> list[Basis]:
+    """:func:`compute_bases` on a linalg-capable device, before rounding to the held dtype."""
     A = stacked.detach().to(device=dev, dtype=settings.compute_dtype)
     _, m, n = A.shape
     if not 1 <= k < min(m, n) + 1:
