@@ -251,14 +251,49 @@ def part_cache(reps: int, shapes: list[tuple[int, int]]) -> list[str]:
     return rows
 
 
+def part_ci(reps: int) -> list[str]:
+    """The 44 bases of ``--scale ci`` (22 SDXL modules, source and target), computed by the old subspace
+    iteration and by the engine, interleaved module by module so both see the same machine load."""
+    from .shapes import ci_modules
+
+    lines = ["| spectrum | bases | subspace iteration p = 16 (before) s | steps | block Krylov, thick restart (now) s | steps | before / now |",
+             "|---|---|---|---|---|---|---|"]
+    for spectrum in ("gapped", "powerlaw"):
+        t_old = t_new = 0.0
+        its_old: list[int] = []
+        its_new: list[int] = []
+        count = 0
+        for i, mod in enumerate(ci_modules()):
+            m, n = mod.shape
+            k = default_rank(m, n)
+            ws, wt, _, _ = pair(spectrum, m, n, seed=i)
+            for w in (ws.half().float(), wt.half().float()):
+                best_old = best_new = math.inf
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    _, it = subspace_iteration(w, k, 16)
+                    best_old = min(best_old, time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    b = compute_basis(w, k)
+                    best_new = min(best_new, time.perf_counter() - t0)
+                t_old, t_new = t_old + best_old, t_new + best_new
+                its_old.append(it)
+                its_new.append(b.iterations)
+                count += 1
+        lines.append(f"| {spectrum} | {count} | {t_old:.2f} | {min(its_old)}–{max(its_old)} | {t_new:.2f} | {min(its_new)}–{max(its_new)} | "
+                     f"{t_old / t_new:.2f}× |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=("basis", "cache", "both"), default="both")
+    ap.add_argument("--part", choices=("basis", "ci", "cache", "both"), default="both", help="both = basis, ci and cache")
     ap.add_argument("--shapes", default="1280x1280,10240x1280", help="part basis: comma list of m x n")
     ap.add_argument("--tol", type=float, nargs="+", default=[1e-2, 3e-3, 1e-3, 1e-4], help="part basis: block Krylov tolerances")
     ap.add_argument("--cache-shapes", default="640x640,640x2560,1280x1280,5120x640,10240x1280",
                     help="part cache: comma list of m x n (SDXL shapes of --scale ci)")
     ap.add_argument("--reps", type=int, default=5, help="part cache: warm reads timed (best kept)")
+    ap.add_argument("--reps-ci", type=int, default=2, help="part ci: timings per basis and algorithm (best kept)")
     ap.add_argument("--threads", type=int, default=1)
     opts = ap.parse_args(argv)
     torch.set_num_threads(opts.threads)
@@ -268,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Weights stored in fp16, k = min(64, d // 4), Eq. 3 of a rank-8 LoRA, target = source + 0.5 % noise; "
               f"`python -m bench.accuracy --part basis` ({opts.threads} thread, a shared machine: seconds are noisy)\n")
         print("\n".join(part_basis(shapes, opts.tol)) + "\n")  # type: ignore[arg-type]
+    if opts.part in ("ci", "both"):
+        print("### The bases of `--scale ci`, before and now\n")
+        print(f"Each of the 44 bases (22 SDXL modules, source and target, weights as bench.synth makes them), best of {opts.reps_ci} "
+              f"per algorithm, interleaved so both see the same load; `python -m bench.accuracy --part ci` ({opts.threads} thread)\n")
+        print("\n".join(part_ci(opts.reps_ci)) + "\n")
     if opts.part in ("cache", "both"):
         print("### Bases held in half precision (`--cache-dtype`)\n")
         print("The engine's bases (default settings) of SDXL shapes, `U` and `V` rounded to the cache dtype; "

@@ -12,9 +12,9 @@ Two algorithms, both returning orthonormal ``U`` (``m × k``) and ``V`` (``n × 
   as ``subspace_change``, and the estimated distance (largest principal-angle sine) as
   ``uncertainty`` (:func:`_uncertainty`): a flat spectrum converges slower and its top-k subspace is
   barely defined, so the basis says how far it may be off. Earlier versions (``ALGORITHM_VERSION`` ≤ 2)
-  used subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4), which needs 13–16 iterations
-  on a power-law spectrum for a 6e-3 error of the projected update where block Krylov needs 5 steps
-  for ≤ 1e-4 (bench/results-accuracy.md).
+  used subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4), which took 13–16 iterations
+  on a power-law spectrum for a 6e-3 error of the projected update where this takes 5–6 steps for
+  ≤ 3e-4 (bench/results-accuracy.md).
 
 Bases of equal-shape weights are computed together (:func:`compute_bases`): stacked ``[B, m, n]``,
 batched matmul, QR and SVD, each item stopping on its own test.
@@ -156,7 +156,7 @@ def compute_bases(weights: Sequence[Tensor] | Tensor, k: int, settings: BasisSet
 
     ``weights``: a sequence of weights (2-D or conv), or an already stacked ``[B, m, n]`` tensor
     (:func:`stack_weights`; then ``shapes`` gives each weight's own shape). Batched matmul, QR and
-    SVD over ``[B, m, l]``; each item runs its own power iterations and stops on its own test, from
+    SVD over ``[B, m, l]``; each item runs its own Krylov steps and stops on its own test, from
     the same seeded test matrix, so every basis equals the one :func:`compute_basis` gives for that
     weight alone (up to rounding of the batched kernels). Memory: the batch in the compute dtype plus
     ``O(B·(m + n)·l)``; callers bound B (:class:`prolora_core.match.BasisProvider`).
