@@ -43,8 +43,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from prolora_core.basis import BasisSettings
+
 ROOT = Path(__file__).resolve().parent.parent
 GOAL_COLD, GOAL_WARM, GOAL_ERR = 10.0, 100.0, 1e-3
+GOAL_COLD_POWERLAW = 8.0  # issue 13: power-law cold ≥ 8× (its error goal is the same 1e-3)
 PASS_THRESHOLD = 0.8
 
 
@@ -219,7 +222,7 @@ def table(res: dict, opts: argparse.Namespace) -> str:
         f"exact = {opts.mode} with {exact_desc} bases, from the same {opts.weight_dtype}-stored weights, evaluated in float64 "
         f"in factored form and densified (checked against the dense formula on `{dc['module']}`: {dc['rel_diff']:.0e}). "
         "1−Φ compares the engine's randomized top-k bases (source and target, read back from its cache) with the exact ones. "
-        f"Randomized iterations on these modules: {min(iters)}–{max(iters)} (cap 24); worst last-iteration change reported by the engine: "
+        f"Randomized steps on these modules: {min(iters)}–{max(iters)} (cap {BasisSettings().max_iter}); worst last-step change 1−Φ reported by the engine: "
         f"{cold['worst_subspace_change']:.1e}.",
         f"Warm run: svd_computed = **{warm['svd_computed']}**, bases_from_cache = {warm['bases_from_cache']}; "
         f"cold run: svd_computed = {cold['svd_computed']}. Cache: {res['cache_mib']:.0f} MiB. "
@@ -250,12 +253,10 @@ def goals(results: list[dict]) -> str:
         errs = [r[f"err_{t}"] for r in rows for t in ("lora_a", "lora_b") if r.get(f"err_{t}") is not None]
         e = max(errs) if errs else float("nan")
         x = " (recipe extrapolated)" if rec["extrapolated"] else ""
-        line = (f"- {tag}: cold {c:.1f}× (goal ≥ {GOAL_COLD:g}× at SDXL scale: {'met' if c >= GOAL_COLD else 'NOT met'}), "
+        gc = GOAL_COLD if res["spectrum"] == "gapped" else GOAL_COLD_POWERLAW
+        line = (f"- {tag}: cold {c:.1f}× (goal ≥ {gc:g}× at SDXL scale: {'met' if c >= gc else 'NOT met'}), "
                 f"warm {w:.1f}× (goal ≥ {GOAL_WARM:g}×: {'met' if w >= GOAL_WARM else 'NOT met'}){x}; worst error {e:.1e}")
-        if res["spectrum"] == "gapped":
-            line += f" (goal ≤ {GOAL_ERR:g}: {'met' if e <= GOAL_ERR else 'NOT met'})"
-        else:
-            line += " (power-law: no goal, honest figure)"
+        line += f" (goal ≤ {GOAL_ERR:g}: {'met' if e <= GOAL_ERR else 'NOT met'})"
         if res["scale"] != "sdxl":
             line += "; speed goals apply at SDXL scale only"
         out.append(line + ".")
@@ -323,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"`python -m bench.bench_transfer --scale {scale} --spectrum {opts.spectrum} --device {opts.device}`: "
                 f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores{', ' + gpu if gpu else ''}. "
                 f"Weights {opts.weight_dtype}, LoRAs rank 8 float32 (kohya-dotted), mode `{opts.mode}`, k = min(64, d // 4) = 64 on every module, "
-                f"engine basis settings at their defaults (method auto → randomized, oversampling 16, ≤ 24 power iterations, tol 1e-5). "
+                f"engine basis settings at their defaults (method auto → randomized: block Krylov with thick restart, oversampling "
+                f"{BasisSettings().oversample}, ≤ {BasisSettings().max_iter} steps, stop at estimated sin θ_max ≤ {BasisSettings().tol:g}). "
                 f"Shapes: {', '.join(f'{m}×{n}' for m, n in results[0]['shapes'])}; {describe(scale)}.",
                 ""]
         text = "\n".join(head) + "\n" + "\n\n".join(table(r, opts) for r in results) + "\n" + goals(results) + "\n"

@@ -3,14 +3,18 @@
 Two algorithms, both returning orthonormal ``U`` (``m × k``) and ``V`` (``n × k``):
 
 * ``exact``: ``torch.linalg.svd`` of the whole matrix, truncated. Cost O(m·n·min(m, n)).
-* ``randomized``: a seeded Gaussian range finder with oversampling ``p`` and adaptive subspace
-  (power) iterations, re-orthonormalised by QR at every half step (Halko, Martinsson & Tropp 2011,
-  Alg. 4.4). After each iteration the top-k Ritz subspace is compared with the previous one; the
-  loop stops when ``1 − Φ(previous, current) ≤ tol`` or after ``max_iter`` iterations. Cost
-  O(m·n·(k + p)) per iteration. The last change is kept as ``subspace_change``, and the estimated
-  distance to the exact subspace as ``uncertainty`` (the last step's largest principal-angle sine
-  times ``ρ / (1 − ρ)``, ``ρ = (σ_{k+p} / σ_k)²`` the rate per iteration): a flat spectrum
-  converges slowly and its top-k subspace is barely defined, so the basis says how far it may be off.
+* ``randomized``: seeded randomized block Krylov iteration (Musco & Musco 2015) with block size
+  ``l = k + p`` (oversampling ``p``), run as a block Golub–Kahan recursion with full
+  re-orthogonalisation and thick restart to the top ``2l`` Ritz vectors (Baglama & Reichel 2005); the
+  top-k Ritz subspace is compared with the previous step's, and the loop stops once the estimated
+  distance to the exact top-k subspace is ≤ ``tol`` or after ``max_iter`` steps. Cost per step: two
+  products with the weight, O(m·n·l), plus O((m + n)·l² + l³). The last step's ``1 − Φ(previous, current)`` is kept
+  as ``subspace_change``, and the estimated distance (largest principal-angle sine) as
+  ``uncertainty`` (:func:`_uncertainty`): a flat spectrum converges slower and its top-k subspace is
+  barely defined, so the basis says how far it may be off. Earlier versions (``ALGORITHM_VERSION`` ≤ 2)
+  used subspace iteration (Halko, Martinsson & Tropp 2011, Alg. 4.4), which took 13–16 iterations
+  on a power-law spectrum for a 6e-3 error of the projected update where this takes 5–6 steps for
+  ≤ 3e-4 (bench/results-accuracy.md).
 
 Bases of equal-shape weights are computed together (:func:`compute_bases`): stacked ``[B, m, n]``,
 batched matmul, QR and SVD, each item stopping on its own test.
@@ -29,9 +33,11 @@ from torch import Tensor
 from .linalg import as_matrix, linalg_device
 
 Method = Literal["auto", "exact", "randomized"]
+#: dtypes bases may be held and cached in (``BasisSettings.cache_dtype``)
+CACHE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 #: Bump when anything that changes a basis changes; it is part of every cache key.
-ALGORITHM_VERSION = 2  # 2: bases carry their uncertainty (cache entries of 1 lack it)
+ALGORITHM_VERSION = 3  # 3: thick-restarted block Krylov, tol on the estimated distance; 2: bases carry their uncertainty
 
 
 @dataclass(frozen=True)
@@ -41,16 +47,30 @@ class BasisSettings:
     method: Method = "auto"
     oversample: int = 16
     max_iter: int = 24
-    tol: float = 1e-5
+    #: stop once the estimated sin θ_max to the exact top-k subspace (``Basis.uncertainty``) is ≤ tol
+    tol: float = 1e-3
     seed: int = 0
     compute_dtype: torch.dtype = torch.float32
     #: one CPU thread for every basis and projection, so the bits do not depend on the thread count
     deterministic: bool = False
+    #: precision ``U`` and ``V`` are held in (and cached in): ``None`` = the compute dtype; float16 or
+    #: bfloat16 round them once after computing, so a cold, a warm and an uncached run give the same bits
+    cache_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES.values():
+            raise ValueError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype}")
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype ``U`` and ``V`` are rounded to and cached in."""
+        return self.cache_dtype if self.cache_dtype is not None else self.compute_dtype
 
     def key(self) -> str:
         dt = str(self.compute_dtype).removeprefix("torch.")
         det = "-det" if self.deterministic else ""
-        return f"v{ALGORITHM_VERSION}-{self.method}-p{self.oversample}-it{self.max_iter}-tol{self.tol:g}-s{self.seed}-{dt}{det}"
+        held = "" if self.stored_dtype == self.compute_dtype else "-c" + str(self.stored_dtype).removeprefix("torch.")
+        return f"v{ALGORITHM_VERSION}-{self.method}-p{self.oversample}-it{self.max_iter}-tol{self.tol:g}-s{self.seed}-{dt}{det}{held}"
 
 
 @dataclass(frozen=True)
@@ -136,7 +156,7 @@ def compute_bases(weights: Sequence[Tensor] | Tensor, k: int, settings: BasisSet
 
     ``weights``: a sequence of weights (2-D or conv), or an already stacked ``[B, m, n]`` tensor
     (:func:`stack_weights`; then ``shapes`` gives each weight's own shape). Batched matmul, QR and
-    SVD over ``[B, m, l]``; each item runs its own power iterations and stops on its own test, from
+    SVD over ``[B, m, l]``; each item runs its own Krylov steps and stops on its own test, from
     the same seeded test matrix, so every basis equals the one :func:`compute_basis` gives for that
     weight alone (up to rounding of the batched kernels). Memory: the batch in the compute dtype plus
     ``O(B·(m + n)·l)``; callers bound B (:class:`prolora_core.match.BasisProvider`).
@@ -157,6 +177,21 @@ def compute_bases(weights: Sequence[Tensor] | Tensor, k: int, settings: BasisSet
     dev = torch.device(device) if device is not None else stacked.device
     if linalg_device(dev) != dev:
         return [b.to(dev) for b in compute_bases(stacked, k, settings, linalg_device(dev), own)]
+    return [held_as(b, settings) for b in _compute(stacked, k, settings, dev, own)]
+
+
+def held_as(basis: Basis, settings: BasisSettings) -> Basis:
+    """``basis`` with ``U`` and ``V`` rounded to ``settings.stored_dtype`` and back to the compute dtype
+    (unchanged when they are the same): what the cache holds, so cached and fresh bases are equal."""
+    held = settings.stored_dtype
+    if held == basis.U.dtype:
+        return basis
+    return Basis(basis.U.to(held).to(basis.U.dtype), basis.S, basis.V.to(held).to(basis.V.dtype), basis.shape, basis.method,
+                 basis.iterations, basis.subspace_change, basis.uncertainty)
+
+
+def _compute(stacked: Tensor, k: int, settings: BasisSettings, dev: torch.device, own: list[tuple[int, ...]]) -> list[Basis]:
+    """:func:`compute_bases` on a linalg-capable device, before rounding to the held dtype."""
     A = stacked.detach().to(device=dev, dtype=settings.compute_dtype)
     _, m, n = A.shape
     if not 1 <= k < min(m, n) + 1:
@@ -165,6 +200,10 @@ def compute_bases(weights: Sequence[Tensor] | Tensor, k: int, settings: BasisSet
     method = settings.method
     if method == "auto":
         method = "exact" if 2 * l >= min(m, n) else "randomized"
+    if method == "randomized":
+        l = min(l, min(m, n) // 2)  # a Krylov space of at least two blocks must fit
+        if l < k:
+            method = "exact"  # k > min(m, n) / 2: nothing to save
     if method == "exact":
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
         return [Basis(U[i, :, :k].contiguous(), S[i, :k].contiguous(), Vh[i, :k].T.contiguous(), own[i], "exact") for i in range(A.shape[0])]
@@ -172,69 +211,86 @@ def compute_bases(weights: Sequence[Tensor] | Tensor, k: int, settings: BasisSet
 
 
 def _randomized(A: Tensor, k: int, l: int, settings: BasisSettings, shapes: list[tuple[int, ...]]) -> list[Basis]:
-    """Halko et al. Alg. 4.4 on a batch ``A`` ``[B, m, n]``, each item iterating until its own
-    ``1 − Φ(previous, current) ≤ tol`` (converged items leave the batch)."""
+    """Randomized block Krylov iteration (Musco & Musco 2015) with thick restart (Baglama & Reichel
+    2005) on a batch ``A`` ``[B, m, n]``, each item stopping on its own test.
+
+    Kept: ``c`` Ritz triplets ``A W_c = Q_c Σ_c`` (``W_c`` ``n × c``, ``Q_c`` ``m × c`` orthonormal;
+    ``c = min(2l, min(m, n) − l)``). A step extends the right space by the residuals of the top ``l``
+    (the next Krylov direction), ``Z = Aᵀ Q_l − W_l Σ_l``, orthogonalised against ``W_c`` (twice) →
+    ``W_+``; then ``A W_+ = Q_c C + Q_+ R_+`` (block Gram–Schmidt, twice), so
+    ``A [W_c W_+] = [Q_c Q_+] [[Σ_c, C], [0, R_+]]`` and the SVD of that small ``(c + l)²`` matrix
+    gives the new Ritz triplets, of which the top ``c`` are kept. A step costs two products with
+    ``A`` (as one subspace iteration does) plus ``O((m + n)·(c + l)·l + (c + l)³)``; the unrestarted
+    Krylov space (bench/accuracy.py) converges in slightly fewer steps but its small SVD grows each
+    step and dominated the time. The previous top-k Ritz vectors are the first k coordinates, so
+    ``sin θ_max(previous, current)`` is the norm of the rest of the new top-k coordinates. An item
+    stops once its estimated distance to the exact subspace (:func:`_uncertainty`) is ≤ ``tol``, or
+    after ``max_iter`` steps."""
     b, m, n = A.shape
+    dt, dev = A.dtype, A.device
+    c = min(2 * l, min(m, n) - l)
     # The test matrix is drawn on the CPU from a seeded generator, so the same seed gives the same
     # start on every device (and for every item of a batch).
     gen = torch.Generator(device="cpu").manual_seed(settings.seed)
-    omega = torch.randn(n, l, generator=gen, dtype=settings.compute_dtype).to(A.device)
-    Q, _ = torch.linalg.qr(A @ omega)  # B × m × l
-    prev = torch.zeros(b, m, k, dtype=A.dtype, device=A.device)
-    iterations, change, angle, rho = [0] * b, [1.0] * b, [1.0] * b, [1.0] * b
-    active = list(range(b))
+    omega = torch.randn(n, l, generator=gen, dtype=settings.compute_dtype).to(dev)
+    X = torch.linalg.qr(omega)[0].expand(b, n, l).contiguous()
+    Q, R = torch.linalg.qr(A @ X)  # B × m × l, B × l × l
+    Ur, S, Vh = torch.linalg.svd(R)
+    W, Q = X @ Vh.mT, Q @ Ur  # the first Ritz triplets: A W = Q diag(S)
+    out: list[Basis | None] = [None] * b
+    last = [1.0] * b  # the previous step's sin θ_max(previous, current) of each item
+    active = list(range(b))  # the batch rows of A, Q, W, S belong to these items
     for it in range(1, settings.max_iter + 1):
-        every = len(active) == b
-        idx = None if every else torch.tensor(active, device=A.device)
-        Aa = A if idx is None else A.index_select(0, idx)
-        Qa = Q if idx is None else Q.index_select(0, idx)
-        Qn, _ = torch.linalg.qr(Aa.mT @ Qa)  # n × l, orthonormal basis of the row space estimate
-        Qa, R = torch.linalg.qr(Aa @ Qn)  # A Qn = Q R, so Qᵀ A Qn = R
-        Ur, Sr, _ = torch.linalg.svd(R)
-        cur = Qa @ Ur[..., :k]  # top-k Ritz vectors of the left subspace
-        # the error of a direction shrinks by ≈ ρ = (σ_{l+1} / σ_k)² per iteration; the Ritz value σ_l ≥ σ_{l+1} bounds it
-        rate = [0.0] * len(active) if l >= min(m, n) else (Sr[..., l - 1] / Sr[..., k - 1]).square().clamp(0.0, 1.0).tolist()
-        if idx is None:
-            Q = Qa
-        else:
-            Q.index_copy_(0, idx, Qa)
+        Z = A.mT @ Q[..., :l] - W[..., :l] * S[..., None, :l]  # residuals of the top l: the next Krylov direction
+        for _ in range(2):
+            Z = Z - W @ (W.mT @ Z)
+        Wn = torch.linalg.qr(Z)[0]
+        Y = A @ Wn
+        C = Q.mT @ Y
+        Y = Y - Q @ C
+        C2 = Q.mT @ Y
+        Y = Y - Q @ C2
+        Qn, Rn = torch.linalg.qr(Y)
+        c0 = Q.shape[-1]
+        R = torch.cat([torch.cat([torch.diag_embed(S), C + C2], -1), torch.cat([torch.zeros(len(active), l, c0, dtype=dt, device=dev), Rn], -1)], -2)
+        Ur, S, Vh = torch.linalg.svd(R)
+        # the previous top-k Ritz vectors are the first k coordinates: the cosines of the principal
+        # angles are the singular values of Ur[:k, :k], and sin θ_max = ‖Ur[k:, :k]‖₂ (the residual itself;
+        # 1 − cos² would lose it to rounding below ~1e-3)
+        ch = (1.0 - Ur[..., :k, :k].square().sum((-2, -1)) / k).clamp_min(0.0).tolist()
+        sin = torch.linalg.matrix_norm(Ur[..., k:, :k], ord=2).tolist()
         still = []
-        if it > 1:
-            P = prev if idx is None else prev.index_select(0, idx)
-            M = P.mT @ cur  # k × k: the cosines of the principal angles are its singular values
-            ch = (1.0 - M.square().sum((-2, -1)) / k).clamp_min(0.0).tolist()
-            # sin θ_max = ‖(I − P_prev) cur‖₂, from the residual itself (1 − cos² would lose it to rounding below ~1e-3)
-            res = cur - P @ M
-            sin = torch.linalg.eigvalsh(res.mT @ res)[..., -1].clamp_min(0.0).sqrt().tolist()
         for j, i in enumerate(active):
-            iterations[i] = it
-            if it > 1:
-                change[i], angle[i] = ch[j], sin[j]
-            rho[i] = rate[j]
-            if it == 1 or change[i] > settings.tol:
-                still.append(i)
-        if idx is None:
-            prev = cur
-        else:
-            prev.index_copy_(0, idx, cur)
-        active = still
-        if not active:
+            unc = _uncertainty(sin[j], last[i])
+            last[i] = sin[j]
+            if unc <= settings.tol or it == settings.max_iter:  # only its top k are formed
+                U = Q[j] @ Ur[j, :c0, :k] + Qn[j] @ Ur[j, c0:, :k]
+                V = W[j] @ Vh[j, :k, :c0].T + Wn[j] @ Vh[j, :k, c0:].T
+                out[i] = Basis(U, S[j, :k].contiguous(), V, shapes[i], "randomized", it, ch[j], unc)
+            else:
+                still.append(j)
+        if not still:
             break
-    Bm = Q.mT @ A  # B × l × n
-    Ub, S, Vh = torch.linalg.svd(Bm, full_matrices=False)
-    U = Q @ Ub[..., :k]
-    return [Basis(U[i].contiguous(), S[i, :k].contiguous(), Vh[i, :k].T.contiguous(), shapes[i], "randomized", iterations[i], change[i],
-                  _uncertainty(angle[i], rho[i])) for i in range(b)]
+        if len(still) < len(active):
+            idx = torch.tensor(still, device=dev)
+            A, Q, Qn, W, Wn, Ur, S, Vh = (t.index_select(0, idx) for t in (A, Q, Qn, W, Wn, Ur, S, Vh))
+            active = [active[j] for j in still]
+        keep = min(c, c0 + l)  # restart: the top c Ritz triplets
+        W = torch.cat([W, Wn], -1) @ Vh[..., :keep, :].mT
+        Q = torch.cat([Q, Qn], -1) @ Ur[..., :keep]
+        S = S[..., :keep]
+    return [b_ for b_ in out if b_ is not None]
 
 
-def _uncertainty(step: float, rho: float) -> float:
+def _uncertainty(step: float, before: float) -> float:
     """The estimated ``sin θ_max`` between a randomized top-k subspace and the exact one.
 
-    ``step``: the last iteration's ``sin θ_max(previous, current)``; ``rho``: the convergence rate
-    per iteration. With linear convergence the distance left is ``step · ρ / (1 − ρ)`` (a geometric
-    tail); capped at 1. bench/accuracy.py checks it against the exact subspace: 3e-5 estimated for
-    2.4e-5 true on a gapped spectrum, 7.6e-2 for 6.9e-2 on a power-law one.
+    ``step``: the last step's ``sin θ_max(previous, current)``; ``before``: the one of the step
+    before. With the observed rate ``r = step / before`` (at most 0.9: the noise floor of rounding
+    makes late steps look stagnant) the distance left is the geometric tail ``step · r / (1 − r)``;
+    capped at 1. bench/accuracy.py checks it against the exact subspace.
     """
-    if step <= 0.0 or rho <= 0.0:
+    if step <= 0.0:
         return 0.0
-    return 1.0 if rho >= 0.999 else min(1.0, step * rho / (1.0 - rho))
+    r = min(0.9, step / before) if before > 0.0 else 0.9
+    return min(1.0, step * r / (1.0 - r))

@@ -1,7 +1,9 @@
 """On-disk cache of bases, keyed by a weight's content and by every setting that changes a basis.
 
-Layout: ``<root>/bases/<settings key>/<aa>/<content key>.safetensors`` holding ``U``, ``S``, ``V``
-(in the compute dtype) and metadata with a checksum of the three tensors. An entry is served for any k up to
+Layout: ``<root>/bases/<settings key>/<aa>/<content key>.safetensors`` holding ``U``, ``V`` (in
+``BasisSettings.stored_dtype``: the compute dtype, or float16 / bfloat16 when ``cache_dtype`` says so;
+the settings key names it, so an entry of one dtype is never served for another), ``S`` (compute
+dtype) and metadata with a checksum of the three tensors. An entry is served for any k up to
 the one it holds. A corrupt, truncated or stale entry (checksum, shapes or settings disagree) is
 deleted and recomputed. Writes go to a temporary file that is then renamed into place, so readers
 never see a partial entry and two processes may fill the cache at once (the last rename wins, and
@@ -95,6 +97,7 @@ class BasisCache:
                 and tuple(info["shape"]) == tuple(shape)
                 and U.ndim == 2 and V.ndim == 2 and S.ndim == 1
                 and U.shape[1] == V.shape[1] == S.shape[0]
+                and U.dtype == V.dtype == self.settings.stored_dtype
                 and meta.get("checksum") == _checksum(U, S, V)
             )
         except Exception as e:  # any unreadable entry is treated as corrupt
@@ -112,7 +115,8 @@ class BasisCache:
             os.utime(path)  # recently used: evicted last
         except OSError:
             pass  # a read-only cache still serves
-        basis = Basis(U, S, V, tuple(info["shape"]), info["method"], int(info["iterations"]), float(info["subspace_change"]),
+        dt = self.settings.compute_dtype  # held values, widened back: equal to a fresh basis (basis.held_as)
+        basis = Basis(U.to(dt), S.to(dt), V.to(dt), tuple(info["shape"]), info["method"], int(info["iterations"]), float(info["subspace_change"]),
                       float(info.get("uncertainty", 0.0)))
         return basis.truncate(k)
 
@@ -121,7 +125,8 @@ class BasisCache:
         if self._write_failed:
             return
         path = self._path(content_key)
-        U, S, V = (t.detach().to("cpu").contiguous() for t in (basis.U, basis.S, basis.V))
+        held = self.settings.stored_dtype
+        U, S, V = (t.detach().to("cpu", dt).contiguous() for t, dt in ((basis.U, held), (basis.S, basis.S.dtype), (basis.V, held)))
         info = {"shape": list(basis.shape), "method": basis.method, "iterations": basis.iterations, "subspace_change": basis.subspace_change,
                 "uncertainty": basis.uncertainty}
         meta = {"format": ENTRY_FORMAT, "settings": self.settings.key(), "content_key": content_key,

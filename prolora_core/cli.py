@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .basis import BasisSettings
+from .basis import CACHE_DTYPES, BasisSettings
 from .cache import DEFAULT_MAX_GB, BasisCache, default_cache_dir
 from .casa import CasaSettings
 from .config import default_threads
@@ -76,8 +76,9 @@ SAVE_DTYPES: dict[str, torch.dtype | None] = {"keep": None, "float16": torch.flo
 
 
 def _basis_settings(args: argparse.Namespace) -> BasisSettings:
+    held = {"cache_dtype": CACHE_DTYPES[args.cache_dtype]} if args.cache_dtype else {}
     return BasisSettings(method=args.basis_method, seed=args.seed, deterministic=getattr(args, "deterministic", False),
-                         compute_dtype=torch.float64 if args.compute_dtype == "float64" else torch.float32)
+                         compute_dtype=torch.float64 if args.compute_dtype == "float64" else torch.float32, **held)
 
 
 def _cache(args: argparse.Namespace, settings: BasisSettings) -> BasisCache | None:
@@ -91,6 +92,8 @@ def _add_basis_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--basis-method", choices=("auto", "exact", "randomized"), default="auto", help="how the top-k bases are computed (default auto)")
     p.add_argument("--compute-dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized range finder")
+    p.add_argument("--cache-dtype", choices=tuple(CACHE_DTYPES), default=None,
+                   help="precision the bases U, V are held and cached in (default: the compute dtype; README, 'Benchmark')")
     p.add_argument("--cache-dir", default=None, help=f"basis cache folder (default {default_cache_dir()})")
     p.add_argument("--no-cache", action="store_true", help="compute every basis, read and write no cache")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

@@ -37,7 +37,7 @@ class ModuleReport:
     kind: str = "lora"
     energy_kept: float | None = None
     #: the larger estimated sin θ_max between the source's or target's randomized basis and the exact
-    #: top-k subspace (0: exact bases; ~1e-5 on a clear spectral gap, ~0.06 on a gap-less power law)
+    #: top-k subspace (0: exact bases; ~1e-5 on a clear spectral gap; ≤ 1e-3, the stopping tolerance, on a gap-less power law)
     basis_uncertainty: float | None = None
     #: for a module not transferred: the most similar target weight found, and its Φ (min of Φ_U, Φ_V)
     candidate: str | None = None

@@ -39,14 +39,15 @@ def _weights(seed: int, shape: tuple[int, ...], count: int) -> list[torch.Tensor
     return out
 
 
-@pytest.mark.parametrize("shape", [(160, 256), (256, 160), (32, 16, 3, 3)])
+@pytest.mark.parametrize("shape", [(160, 256), (256, 160), (64, 16, 3, 3)])
 def test_batched_bases_equal_per_module_bases_and_the_exact_subspace(shape: tuple[int, ...]) -> None:
     ws = _weights(1, shape, 4)
     k = 12 if min(shape[0], int(np.prod(shape[1:]))) > 100 else 6
-    batch = compute_bases(ws, k, FAST32)
+    settings = FAST32 if k == 12 else BasisSettings(method="randomized", oversample=8)  # room for 3 Krylov blocks of 14 in 64
+    batch = compute_bases(ws, k, settings)
     assert len({b.iterations for b in batch}) > 1  # the items stopped after different iteration counts
     for w, b in zip(ws, batch):
-        alone = compute_basis(w, k, FAST32)
+        alone = compute_basis(w, k, settings)
         assert b.shape == tuple(w.shape) and b.method == "randomized"
         assert b.iterations == alone.iterations and b.subspace_change == pytest.approx(alone.subspace_change, abs=1e-7)
         assert torch.allclose(b.U, alone.U, atol=1e-5) and torch.allclose(b.V, alone.V, atol=1e-5)
@@ -78,10 +79,11 @@ def test_reported_uncertainty_tracks_the_distance_to_the_exact_subspace(spectrum
     true = _sin_max(Ue, b.U.double().numpy())
     assert b.uncertainty > 0
     assert true / 3 <= b.uncertainty <= 3 * true + 1e-5, (true, b.uncertainty)
+    assert b.uncertainty <= FAST32.tol  # it iterated until its own estimate met the tolerance
     if spectrum == "gapped":
-        assert b.uncertainty < 1e-4  # a gap makes the subspace well defined
+        assert b.uncertainty < 1e-4 and b.iterations == 2  # a gap makes the subspace well defined at once
     else:
-        assert b.uncertainty > 1e-3  # no gap: it says so
+        assert b.iterations > 2  # no gap: it took more steps to get there
 
 
 def _write(path: Path, ws: dict[str, torch.Tensor]) -> SafetensorsWeights:

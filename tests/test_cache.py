@@ -124,8 +124,9 @@ def test_corrupt_and_truncated_entries_are_recomputed(runner: Runner) -> None:
 
 @pytest.mark.parametrize(
     "changed",
-    [("--seed", "1"), ("--basis-method", "randomized"), ("--basis-method", "exact"), ("--compute-dtype", "float64")],
-    ids=["seed", "randomized", "exact", "float64"],
+    [("--seed", "1"), ("--basis-method", "randomized"), ("--basis-method", "exact"), ("--compute-dtype", "float64"),
+     ("--cache-dtype", "float16"), ("--cache-dtype", "bfloat16")],
+    ids=["seed", "randomized", "exact", "float64", "cache-float16", "cache-bfloat16"],
 )
 def test_other_basis_settings_use_another_cache_folder(runner: Runner, changed: tuple[str, str]) -> None:
     runner.run(1)
@@ -191,3 +192,54 @@ def test_rank_one_bases_with_odd_strides_are_cached(tmp_path: Path) -> None:
     cache.store("ab" * 16, basis)
     back = cache.load("ab" * 16, 1, (4, 40))
     assert back is not None and torch.equal(back.V, basis.V.contiguous())
+
+
+@pytest.mark.parametrize("held", ["float16", "bfloat16"])
+def test_half_precision_bases_are_stored_narrow_and_give_the_same_output_cold_warm_and_uncached(runner: Runner, held: str) -> None:
+    """U and V are held in the cache dtype from the moment they are computed: the cache stores them
+    narrow, and the cold, warm and uncached runs agree bit for bit; the rounding moves the update by
+    about the dtype's precision, checked against the float64 reference."""
+    from safetensors import safe_open
+
+    exact = ("--basis-method", "exact", "--compute-dtype", "float32")
+    cold, cold_out = runner.run(2, *exact, "--cache-dtype", held)
+    entries = runner.entries()
+    assert cold["svd_computed"] == N_BASES and len(entries) == N_BASES
+    assert all(p.parent.parent.name.endswith(f"-c{held}") for p in entries)
+    for p in entries:
+        with safe_open(str(p), framework="pt") as f:
+            assert f.get_tensor("U").dtype == f.get_tensor("V").dtype == getattr(torch, held)
+            assert f.get_tensor("S").dtype == torch.float32
+    warm, warm_out = runner.run(2, *exact, "--cache-dtype", held)
+    assert warm["svd_computed"] == 0 and warm["bases_from_cache"] == N_BASES
+    _, fresh_out = runner.run(2, *exact, "--cache-dtype", held, cache=False)
+    assert same_tensors(cold_out, warm_out) and same_tensors(warm_out, fresh_out)
+    _, wide_out = runner.run(2, *exact, cache=False)
+    assert not same_tensors(warm_out, wide_out)  # it did round
+    updates = make_updates(seed=2)
+    bound = {"float16": 2e-3, "bfloat16": 2e-2}[held]  # a few units of the dtype's rounding (2^-11, 2^-8)
+    for module, got in read_output(warm_out).items():
+        want = expected_dense(updates[module], runner.bases.ws[module], runner.bases.wt[module],
+                              max(1, min(64, min(runner.bases.ws[module].shape[0], int(np.prod(runner.bases.ws[module].shape[1:]))) // 4)), "prolora-full")
+        assert rel_err(got.dense(), want) <= bound, module
+
+
+def test_an_entry_of_another_dtype_is_not_served(tmp_path: Path) -> None:
+    """An entry whose tensors are not in the dtype its settings hold (a stale or foreign file moved
+    into the folder) is rebuilt, never widened and served."""
+    from prolora_core import BasisCache, BasisSettings, compute_basis
+
+    w = torch.randn(24, 40, generator=torch.Generator().manual_seed(0))
+    half = BasisSettings(method="exact", cache_dtype=torch.float16)
+    wide = BasisCache(tmp_path / "wide", BasisSettings(method="exact"))
+    narrow = BasisCache(tmp_path / "narrow", half)
+    assert wide.folder.name != narrow.folder.name
+    wide.store("cd" * 16, compute_basis(w, 4, BasisSettings(method="exact")))
+    moved = narrow.folder / "cd" / ("cd" * 16 + ".safetensors")
+    moved.parent.mkdir(parents=True)
+    moved.write_bytes((wide.folder / "cd" / ("cd" * 16 + ".safetensors")).read_bytes())
+    assert narrow.load("cd" * 16, 4, (24, 40)) is None and narrow.stats.rebuilt == 1 and not moved.exists()
+    basis = compute_basis(w, 4, half)
+    narrow.store("cd" * 16, basis)
+    back = narrow.load("cd" * 16, 4, (24, 40))
+    assert back is not None and back.U.dtype == torch.float32 and torch.equal(back.U, basis.U) and torch.equal(back.V, basis.V)
