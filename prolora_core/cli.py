@@ -58,9 +58,16 @@ class _Progress:
             print(f"[prolora] {self.what} {i + 1}/{total} ({pct}%) {key}", file=sys.stderr, flush=True)
 
 
-def _lora_paths(items: Sequence[str]) -> list[Path]:
+def _lora_paths(items: Sequence[str], folders: Sequence[str] = ()) -> list[Path]:
+    """``--lora`` files and folders, then ``--lora-dir`` folders: every ``*.safetensors`` of a folder,
+    sorted by name (not recursive)."""
+    if not items and not folders:
+        raise ProLoRAError("no LoRA given: --lora FILE_OR_FOLDER or --lora-dir FOLDER")
     paths: list[Path] = []
-    for item in items:
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise ProLoRAError("--lora-dir needs a folder", file=Path(folder))
+    for item in [*items, *folders]:
         p = Path(item)
         if p.is_dir():
             found = sorted(p.glob("*.safetensors"))
@@ -161,7 +168,7 @@ def _detector(choice: str) -> DetectFn | None:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    paths = _lora_paths(args.lora)
+    paths = _lora_paths(args.lora, args.lora_dir)
     for many, what in ((len(paths) > 1, "LoRAs"), (len(args.target_base) > 1, "targets")):
         if many and args.out:
             raise ProLoRAError(f"several {what} need --out-dir (a folder) or no --out (each output is written next to its LoRA), not --out")
@@ -311,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--source-base", required=True, help="safetensors or .gguf file of the base the LoRA was trained on")
     t.add_argument("--target-base", required=True, action="append", help="safetensors or .gguf file of the base to transfer to; repeat it "
                    "for several targets (Wan 2.2's two experts): one output per LoRA and target, named after the target, source bases computed once")
-    t.add_argument("--lora", required=True, action="append", help="LoRA safetensors file or folder (repeatable)")
+    t.add_argument("--lora", action="append", default=[], help="LoRA safetensors file or folder (repeatable)")
+    t.add_argument("--lora-dir", action="append", default=[], help="a library: every LoRA safetensors in this folder, sorted by name "
+                   "(repeatable, combinable with --lora); one pass over the bases serves them all, one summary per LoRA and a count at the end")
     t.add_argument("--out", help="output file (one LoRA); default: next to each LoRA, named by --name-pattern")
     t.add_argument("--out-dir", help="output folder instead of each LoRA's own folder; files are named by --name-pattern")
     t.add_argument("--name-pattern", default=DEFAULT_PATTERN, help=f"output file name without extension (default {DEFAULT_PATTERN}; fields "
