@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -46,15 +47,21 @@ def _warn(msg: str) -> None:
 
 
 class _Progress:
-    """Progress lines on stderr, at most ~20 per run."""
+    """Progress lines on stderr: one per 5 % of a phase of 20 steps or more, and, whatever the
+    phase, one whenever ``EVERY_S`` seconds have passed since the last line (so a long run is never
+    silent for long while work goes on). A phase (bases, projection, writing …) counts from 0."""
+
+    EVERY_S = 2.0
 
     def __init__(self, what: str) -> None:
-        self.what, self.last = what, -1
+        self.what, self.last, self.when = what, (-1, -1), time.monotonic()
 
     def __call__(self, i: int, total: int, key: str) -> None:
         pct = (100 * (i + 1)) // max(total, 1)
-        if total >= 20 and pct // 5 != self.last:
-            self.last = pct // 5
+        now = time.monotonic()
+        step = (total, pct // 5)
+        if (total >= 20 and step != self.last) or now - self.when >= self.EVERY_S:
+            self.last, self.when = step, now
             print(f"[prolora] {self.what} {i + 1}/{total} ({pct}%) {key}", file=sys.stderr, flush=True)
 
 
@@ -201,7 +208,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         print(f"wrote {path}", file=sys.stderr)
 
     run = transfer_files(args.source_base, args.target_base, paths, config, lambda li, ti: outs[li][ti], detect=_detector(args.key_map),
-                         cache=cache, cache_max_bytes=int(max_mb * 2**20) if cache is not None else None, progress=_Progress("module"),
+                         cache=cache, cache_max_bytes=int(max_mb * 2**20) if cache is not None else None, progress=_Progress("step"),
                          say=print, warn=_warn, note=lambda line: print(line, file=sys.stderr), on_saved=wrote, listed_in="--report")
     if run.evicted:
         print(f"[prolora] cache over {max_mb:g} MB: removed the {run.evicted} least recently used bases", file=sys.stderr)
