@@ -54,11 +54,13 @@ class _Progress:
     EVERY_S = 2.0
 
     def __init__(self, what: str) -> None:
-        self.what, self.last, self.when = what, (-1, -1), time.monotonic()
+        self.what, self.last = what, (-1, -1)
+        self.when: float | None = None
 
     def __call__(self, i: int, total: int, key: str) -> None:
         pct = (100 * (i + 1)) // max(total, 1)
         now = time.monotonic()
+        self.when = now if self.when is None else self.when  # counted from the first call
         step = (total, pct // 5)
         if (total >= 20 and step != self.last) or now - self.when >= self.EVERY_S:
             self.last, self.when = step, now
