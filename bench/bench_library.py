@@ -15,7 +15,7 @@ run with ``lora_a``, so every run is warm: ``svd_computed == 0``):
 
 (a) **one process** over the whole folder: ``python -m prolora_core transfer --lora-dir …``;
 (b) **separate processes**, one ``python -m prolora_core transfer --lora <one file>`` per LoRA
-    (``--separate`` of them, the rest extrapolated per LoRA and marked so).
+    (``--separate`` of them, default 3, the rest extrapolated per LoRA and marked so).
 
 Each run is the CLI's own code path (``prolora_core.cli.main``) in a fresh interpreter
 (``bench.bench_library --child``), which times, without changing them, the engine's phases:
@@ -200,19 +200,19 @@ def main() -> None:
         return child(sys.argv[4:], Path(sys.argv[2]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=("ci", "sdxl"), default="ci")
-    ap.add_argument("--loras", type=int, default=None, help="LoRAs in the library (default 12 at ci, 24 at sdxl)")
+    ap.add_argument("--loras", type=int, default=None, help="LoRAs in the library (default 8 at ci, 24 at sdxl)")
     ap.add_argument("--ranks", type=lambda s: [int(x) for x in s.split(",")], default=[16, 32])
-    ap.add_argument("--separate", type=int, default=None, help="how many of the separate processes (b) to run (default: all at ci, 4 at sdxl)")
+    ap.add_argument("--separate", type=int, default=None, help="how many of the separate processes (b) to run, the rest extrapolated (default 3)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads of the CLI (default 2: the goal's 2 cores)")
     ap.add_argument("--data-dir", default=os.environ.get("PROLORA_BENCH_DIR", "/tmp/prolora-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the outputs and the cache (default: removed after the run)")
     opts = ap.parse_args()
-    opts.loras = opts.loras or (12 if opts.scale == "ci" else 24)
-    separate = min(opts.loras, opts.separate if opts.separate is not None else (opts.loras if opts.scale == "ci" else 4))
+    opts.loras = opts.loras or (8 if opts.scale == "ci" else 24)
+    separate = max(1, min(opts.loras, opts.separate if opts.separate is not None else 3))
     data, paths = prepare(opts)
     work = data / "library-run"
     shutil.rmtree(work, ignore_errors=True)
-    cache, out_a, out_b = work / "cache", work / "out_one", work / "out_separate"
+    cache, out_a, out_b = data / "library-cache", work / "out_one", work / "out_separate"  # the cache outlives a run (filled once)
     for d in (out_a, out_b):
         d.mkdir(parents=True)
 
@@ -242,7 +242,9 @@ def main() -> None:
              f"| (a) one process, `--lora-dir` | {one['wall']:.1f} | {rate_a:.1f} | {rate_a / rate_b:.1f}× | {one['cpu']:.1f} | {one['silence']:.1f} |",
              f"| (b) {n} separate processes{extrap} | {per_b * n:.1f} | {rate_b:.1f} | 1× | {n * sum(r['cpu'] for r in sep) / len(sep):.1f} "
              f"| {max(r['silence'] for r in sep):.1f} |",
-             "", f"goal ≥ {GOAL:g} LoRAs/min warm at SDXL scale: (a) {'met' if rate_a >= GOAL else 'NOT met'}", "",
+             "", (f"goal ≥ {GOAL:g} LoRAs/min warm at SDXL scale: (a) {'met' if rate_a >= GOAL else 'NOT met'}; from CPU time alone "
+                  f"({one['cpu']:.1f} CPU s on 2 cores) {60 * n / (one['cpu'] / 2):.0f} LoRAs/min" if opts.scale == "sdxl"
+                  else f"(the goal, ≥ {GOAL:g} LoRAs/min, is for --scale sdxl)"), "",
              "where the time goes (seconds; (b) per process, mean):", "",
              "| phase | (a) whole run | (a) per LoRA | (b) per process |", "|---|---|---|---|"]
     for phase in PHASES:
@@ -253,6 +255,7 @@ def main() -> None:
     print("\n".join(lines))
     if not opts.keep:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 def fill_modules(scale: str) -> int:

@@ -14,8 +14,8 @@ released before the next is read.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
