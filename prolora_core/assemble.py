@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .adapters import Module, Projected, Refactored, Update, dora_magnitude
 from .casa import casa_update
-from .config import TransferConfig
+from .config import ProgressFn, TransferConfig
 from .errors import ProLoRAError
 from .linalg import cpu_fallback, resolve_device, torch_threads
 from .lora import LoraFile, module_tensors
@@ -65,21 +65,25 @@ Weights = tuple[WeightSource | None, WeightSource | None]
 
 def project_loras(loras: Sequence[LoraFile], plan: Sequence[Planned], matches: dict[str, ModuleMatch], config: TransferConfig,
                   check_interrupt: Callable[[], None] | None = None, output_name: NameFn = default_output_name,
-                  source: WeightSource | None = None, target: WeightSource | None = None) -> list[TransferResult]:
+                  source: WeightSource | None = None, target: WeightSource | None = None,
+                  progress: ProgressFn | None = None) -> list[TransferResult]:
     """Project every planned LoRA module with its match; modules that do not pass are reported.
 
     ``output_name`` names each output module (default: as in the input). Plain LoRA updates that
     land on the same output module are summed. ``source`` and ``target`` are needed by DoRA
     modules only (the ratio rule reads both weights). A CUDA out-of-memory error in one module
-    redoes that module on the CPU, with a warning."""
+    redoes that module on the CPU, with a warning. ``progress(i, len(plan), what)`` is called
+    before each planned module."""
     source, target = (None if w is None else with_slices(w) for w in (source, target))  # DoRA on a slice reads the slice
     reports: list[list[ModuleReport]] = [[] for _ in loras]
     pieces: list[dict[str, list[Piece]]] = [{} for _ in loras]
     with torch_threads(config.threads):
-        for p in plan:
+        for step, p in enumerate(plan):
             if check_interrupt is not None:
                 check_interrupt()
             lora, mod = loras[p.lora_index], p.module
+            if progress is not None:
+                progress(step, len(plan), f"projecting {lora.path.name if lora.path else 'the LoRA'}: {mod.name}")
             rep = ModuleReport(str(lora.path or "<LoRA>"), mod.name, None, p.source_key, None, False, "no base weight",
                                source_norm=mod.source_norm(), kind=mod.kind)
             reports[p.lora_index].append(rep)

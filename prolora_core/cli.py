@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -46,21 +47,36 @@ def _warn(msg: str) -> None:
 
 
 class _Progress:
-    """Progress lines on stderr, at most ~20 per run."""
+    """Progress lines on stderr: one per 5 % of a phase of 20 steps or more, and, whatever the
+    phase, one whenever ``EVERY_S`` seconds have passed since the last line (so a long run is never
+    silent for long while work goes on). A phase (bases, projection, writing …) counts from 0."""
+
+    EVERY_S = 2.0
 
     def __init__(self, what: str) -> None:
-        self.what, self.last = what, -1
+        self.what, self.last = what, (-1, -1)
+        self.when: float | None = None
 
     def __call__(self, i: int, total: int, key: str) -> None:
         pct = (100 * (i + 1)) // max(total, 1)
-        if total >= 20 and pct // 5 != self.last:
-            self.last = pct // 5
+        now = time.monotonic()
+        self.when = now if self.when is None else self.when  # counted from the first call
+        step = (total, pct // 5)
+        if (total >= 20 and step != self.last) or now - self.when >= self.EVERY_S:
+            self.last, self.when = step, now
             print(f"[prolora] {self.what} {i + 1}/{total} ({pct}%) {key}", file=sys.stderr, flush=True)
 
 
-def _lora_paths(items: Sequence[str]) -> list[Path]:
+def _lora_paths(items: Sequence[str], folders: Sequence[str] = ()) -> list[Path]:
+    """``--lora`` files and folders, then ``--lora-dir`` folders: every ``*.safetensors`` of a folder,
+    sorted by name (not recursive)."""
+    if not items and not folders:
+        raise ProLoRAError("no LoRA given: --lora FILE_OR_FOLDER or --lora-dir FOLDER")
     paths: list[Path] = []
-    for item in items:
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise ProLoRAError("--lora-dir needs a folder", file=Path(folder))
+    for item in [*items, *folders]:
         p = Path(item)
         if p.is_dir():
             found = sorted(p.glob("*.safetensors"))
@@ -164,7 +180,7 @@ def _detector(choice: str) -> DetectFn | None:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    paths = _lora_paths(args.lora)
+    paths = _lora_paths(args.lora, args.lora_dir)
     for many, what in ((len(paths) > 1, "LoRAs"), (len(args.target_base) > 1, "targets")):
         if many and args.out:
             raise ProLoRAError(f"several {what} need --out-dir (a folder) or no --out (each output is written next to its LoRA), not --out")
@@ -197,7 +213,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         print(f"wrote {path}", file=sys.stderr)
 
     run = transfer_files(args.source_base, args.target_base, paths, config, lambda li, ti: outs[li][ti], detect=_detector(args.key_map),
-                         cache=cache, cache_max_bytes=int(max_mb * 2**20) if cache is not None else None, progress=_Progress("module"),
+                         cache=cache, cache_max_bytes=int(max_mb * 2**20) if cache is not None else None, progress=_Progress("step"),
                          say=print, warn=_warn, note=lambda line: print(line, file=sys.stderr), on_saved=wrote, listed_in="--report")
     if run.evicted:
         print(f"[prolora] cache over {max_mb:g} MB: removed the {run.evicted} least recently used bases", file=sys.stderr)
@@ -314,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--source-base", required=True, help="safetensors or .gguf file of the base the LoRA was trained on")
     t.add_argument("--target-base", required=True, action="append", help="safetensors or .gguf file of the base to transfer to; repeat it "
                    "for several targets (Wan 2.2's two experts): one output per LoRA and target, named after the target, source bases computed once")
-    t.add_argument("--lora", required=True, action="append", help="LoRA safetensors file or folder (repeatable)")
+    t.add_argument("--lora", action="append", default=[], help="LoRA safetensors file or folder (repeatable)")
+    t.add_argument("--lora-dir", action="append", default=[], help="a library: every LoRA safetensors in this folder, sorted by name "
+                   "(repeatable, combinable with --lora); one pass over the bases serves them all, one summary per LoRA and a count at the end")
     t.add_argument("--out", help="output file (one LoRA); default: next to each LoRA, named by --name-pattern")
     t.add_argument("--out-dir", help="output folder instead of each LoRA's own folder; files are named by --name-pattern")
     t.add_argument("--name-pattern", default=DEFAULT_PATTERN, help=f"output file name without extension (default {DEFAULT_PATTERN}; fields "

@@ -6,14 +6,17 @@ what comes back.
 Steps: open the weights (:func:`.weights.open_weights`, streamed per key) → read the LoRAs → place
 each module (ComfyUI's key map for the detected model through ``detect``, else ``<module>.weight``
 names, as :func:`.plan.plan_by_names` does) → refuse shapes that cannot match with one message
-(:mod:`.shapes`) → per target :func:`.transfer.transfer` (the source's bases are computed once for
-all targets: from the basis cache, or from memory without one) → metadata
-(:func:`.provenance.output_metadata`) → atomic save (temp file, then rename) → basis cache limit.
+(:mod:`.shapes`) → per target :func:`.transfer.transfer` (every basis is read from the basis cache,
+or computed, once per run and kept in memory for all targets and LoRAs: :class:`MemoryBases`) →
+metadata (:func:`.provenance.output_metadata`) → atomic save (temp file, then rename) → basis cache
+limit. Many LoRAs go through in groups bounded in bytes (:func:`lora_groups`), each written and
+released before the next is read.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,9 @@ from .weights import WeightSource, open_weights
 
 TEXT_ENCODER_REASON = ("text-encoder names are not mapped from files yet "
                        "(the ComfyUI nodes map them, with a CLIP connected to Compute Basis)")
+#: LoRA files read, projected and written together, at most (bytes on disk; at least one LoRA): with
+#: their outputs about twice this in memory, beside the bases of the touched weights.
+GROUP_BYTES = 1 << 30
 #: with ComfyUI's key maps, a text-encoder module left out is one whose text encoder the base file lacks
 NO_TEXT_ENCODER = ("the source file carries no such text-encoder weight (Flux's CLIP-L/T5, SD3's and Wan's text encoders are separate "
                    "files: transfer those parts with the nodes, a CLIP connected to Compute Basis)")
@@ -94,19 +100,29 @@ class FilesRun:
 
 
 class MemoryBases:
-    """The bases computed in this run, kept in memory and served by content (what :class:`.cache.BasisCache`
-    serves from disk): with several targets and the disk cache off, the source's bases are computed
-    once, not once per target."""
+    """The bases of this run, kept in memory and served by content, in front of the disk cache
+    (:class:`.cache.BasisCache`, when there is one): a basis is read from disk or computed once per
+    run, then served to every target and every group of LoRAs with no further read, checksum or
+    copy. Holds the bases of the weights the run touches, no more (k·(m + n) float32 numbers each:
+    ≈ 0.65 GB per side for SDXL's 722 attention and feed-forward weights at k ≤ 64)."""
 
-    def __init__(self) -> None:
+    def __init__(self, disk: BasisCache | None = None) -> None:
+        self.disk = disk
         self._bases: dict[tuple[str, tuple[int, ...]], Basis] = {}
 
     def load(self, content_key: str, k: int, shape: tuple[int, ...]) -> Basis | None:
         b = self._bases.get((content_key, tuple(shape)))
-        return b.truncate(k) if b is not None and b.k >= k else None
+        if b is None or b.k < k:
+            b = self.disk.load(content_key, k, shape) if self.disk is not None else None
+            if b is None:
+                return None
+            self._bases[(content_key, tuple(shape))] = b
+        return b.truncate(k) if b.k > k else b
 
     def store(self, content_key: str, basis: Basis) -> None:
         self._bases[(content_key, tuple(basis.shape))] = basis
+        if self.disk is not None:
+            self.disk.store(content_key, basis)
 
 
 def _first(items: Sequence[str], listed_in: str, limit: int = 5) -> str:
@@ -136,6 +152,7 @@ def transfer_files(
     note: Callable[[str], None] = _quiet,
     on_saved: Callable[[Path], str | None] | None = None,
     listed_in: str = "the report",
+    group_bytes: int = GROUP_BYTES,
 ) -> FilesRun:
     """Transfer every LoRA in ``lora_paths`` from the base in ``source_path`` to each base in
     ``target_paths`` (one output per LoRA and target, at ``out_path(lora_index, target_index)``,
@@ -147,6 +164,14 @@ def transfer_files(
     lines, ``warn`` what the user should look at, ``note`` progress notes; ``on_saved(path)`` may
     return a line to say; a warning naming more than five modules says ``listed_in`` lists them all. ``cache_max_bytes``: after the run, the least recently used bases are
     removed until the cache holds at most that many bytes.
+
+    A library of LoRAs goes through in groups of at most ``group_bytes`` of LoRA files (in order;
+    at least one LoRA each): a group is read, projected and written, and its tensors released,
+    before the next is read, so memory holds one group, its outputs and the run's bases
+    (:class:`MemoryBases`: read from the disk cache or computed once, kept for every group and
+    target). Once written, a result keeps its reports and tensor names only (:func:`_released`).
+    ``progress(i, total, what)`` is called while reading LoRAs, for every basis, before every
+    module's projection and before every output is written (each phase counts from 0).
 
     Raises :class:`ProLoRAError` for unreadable files, a LoRA none of whose modules maps onto the
     source (of several LoRAs, such a one is only left out: ``FilesRun.failed``, and the others go on), shapes that cannot match (one message naming both models), ``config.strict`` with
@@ -179,7 +204,7 @@ def transfer_files(
         return describe_model(d.kind, parameter_count(inner, d.prefix), d.unet_config)
 
     # Of several LoRAs, one that cannot be read or placed is left out (said, kept in ``failed``) and
-    # the others go on; a lone LoRA's error is raised. ``kept``: each placed LoRA's index in ``lora_paths``.
+    # the others go on; a lone LoRA's error is raised.
     failed: list[tuple[Path, ProLoRAError]] = []
 
     def left_out(i: int, e: ProLoRAError) -> None:
@@ -188,89 +213,146 @@ def transfer_files(
         failed.append((Path(lora_paths[i]), e))
         warn(f"{e} — this LoRA is left out; the others go on")
 
-    read: list[tuple[int, LoraFile]] = []
-    for i, path in enumerate(lora_paths):
-        try:
-            read.append((i, read_lora(path)))
-        except ProLoRAError as e:
-            left_out(i, e)
-    for _, lora in read:
-        if lora.unknown_keys:
-            warn(f"{lora.path}: {len(lora.unknown_keys)} keys are not used: " + _first([f"{k} ({lora.unused[k]})" for k in lora.unknown_keys], listed_in))
     if found is not None:
         naming, locate = f"ComfyUI's key map for {found.kind}", found.key_map.get
         unplaced = (f"maps onto the source model {describe(source)} through ComfyUI's key map", ": is it a LoRA for another base model?")
     else:
         naming, locate = "weight names", BaseIndex(source.keys()).resolve  # as plan.plan_by_names places them
         unplaced = (f"has a weight in the source base {source.label}", "")
-    kept: list[int] = []
-    loras: list[LoraFile] = []
-    plan: list[Planned] = []
-    for i, lora in read:
-        mine = [Planned(len(loras), mod, locate(mod.name)) for mod in lora.modules.values()]
-        if mine and all(p.source_key is None for p in mine):
-            left_out(i, ProLoRAError(f"none of the LoRA's {len(mine)} modules {unplaced[0]} (e.g. '{mine[0].module.name}'){unplaced[1]}",
-                                     file=lora.path or "<LoRA>"))
-            continue
-        kept.append(i)
-        loras.append(lora)
-        plan += mine
-    if not loras:
-        raise failed[0][1] if failed else ProLoRAError("no LoRA given")
     te_reason = NO_TEXT_ENCODER if found is not None else TEXT_ENCODER_REASON
-    _not_mapped(plan, loras, source.label, config.strict, warn, listed_in, te_reason)
     sliced = with_slices(source)
-    for i, lora in enumerate(loras):
-        placed = [(p.module.name, p.module.update.matrix_shape, p.source_key) for p in plan
-                  if p.lora_index == i and p.source_key is not None and p.module.update is not None and len(sliced.shape(p.source_key)) >= 2]
-        check_lora_fits_somewhere(placed, sliced, lora.path or "<LoRA>", describe)
-    keys = [p.source_key for p in plan if p.source_key is not None]
-    n_modules = sum(p.source_key is not None for p in plan)
-    for t in targets:
-        check_shapes_can_match(sliced, with_slices(t), keys, config.pairing, f"the LoRA's {n_modules} modules" if len(loras) == 1
-                               else f"the {n_modules} modules of the {len(loras)} LoRAs", describe, absent_ok=found is None)
-    bases = cache if cache is not None else (MemoryBases() if len(targets) > 1 else None)
-    runs: list[TargetRun] = []
+    # The bases of this run stay in memory (read from the disk cache, or computed, once) for every
+    # group of LoRAs and every target: k·(m + n) float32 numbers per touched weight.
+    bases = MemoryBases(cache)
+    runs = [TargetRun(t, [], RunStats(), []) for t in targets]
+    loras: list[LoraFile] = []
     lines: list[str] = []
+    n_read = 0
 
     def said(line: str) -> None:
         lines.append(line)
         say(line)
 
-    for ti, target in enumerate(targets):
-        results, stats = transfer(loras, plan, source, target, config, bases, progress, check_interrupt)  # type: ignore[arg-type]
-        target.save_memo()
-        said(f"ProLoRA {config.mode}, pairing {config.pairing}: {source.label} → {target.label}; bases computed {stats.svd_computed}, "
-             f"from cache {stats.bases_from_cache}; CPU threads {config.threads}")
-        target_model = family(target) if found is not None else None
-        kind = target_model.kind if target_model is not None else None  # names the target in the base-model metadata fields
-        written: list[Path | None] = []
-        for li, result in enumerate(results):
-            summary = result.summary()
-            for line in format_summary(result.lora.path.name if result.lora.path else f"LoRA {li + 1}", summary, config.threshold,
-                                       *(("the source file carries no such text-encoder weight",) if found is not None else ())):
-                said(line)
-            if summary["transferred"] == 0:
-                said("  nothing written")
-                warn(f"{result.lora.path}: no module could be transferred to {target.label}; nothing written for it")
-                written.append(None)
+    for group in lora_groups(lora_paths, group_bytes):
+        read: list[tuple[int, LoraFile]] = []
+        for i in group:
+            if progress is not None:
+                progress(n_read, len(lora_paths), f"reading {Path(lora_paths[i]).name}")
+            n_read += 1
+            try:
+                read.append((i, read_lora(lora_paths[i])))
+            except ProLoRAError as e:
+                left_out(i, e)
+        for _, lora in read:
+            if lora.unknown_keys:
+                warn(f"{lora.path}: {len(lora.unknown_keys)} keys are not used: " + _first([f"{k} ({lora.unused[k]})" for k in lora.unknown_keys], listed_in))
+        kept: list[int] = []  # each placed LoRA's index in ``lora_paths``
+        placed: list[LoraFile] = []
+        plan: list[Planned] = []
+        for i, lora in read:
+            mine = [Planned(len(placed), mod, locate(mod.name)) for mod in lora.modules.values()]
+            if mine and all(p.source_key is None for p in mine):
+                left_out(i, ProLoRAError(f"none of the LoRA's {len(mine)} modules {unplaced[0]} (e.g. '{mine[0].module.name}'){unplaced[1]}",
+                                         file=lora.path or "<LoRA>"))
                 continue
-            out = out_path(kept[li], ti)
-            meta = output_metadata(result, source.label, target.label, config, kind)
-            atomic_save(result.tensors, out, meta)
-            written.append(out)
-            line = on_saved(out) if on_saved is not None else None
-            if line:
-                said(line)
-            skipped = [m for m in result.modules if not m.transferred and m.source_key is not None]
-            if skipped:
-                why = [f"{m.source} ({m.reason}" + (f"; best candidate {m.candidate}, Φ {m.candidate_phi:.2f}"
-                                                    if m.candidate is not None and m.candidate_phi is not None else "") + ")" for m in skipped]
-                warn(f"{len(skipped)} modules not transferred to {target.label}: " + _first(why, listed_in))
-        runs.append(TargetRun(target, results, stats, written))
+            kept.append(i)
+            placed.append(lora)
+            plan += mine
+        if not placed:
+            continue
+        _not_mapped(plan, placed, source.label, config.strict, warn, listed_in, te_reason)
+        for i, lora in enumerate(placed):
+            on = [(p.module.name, p.module.update.matrix_shape, p.source_key) for p in plan
+                  if p.lora_index == i and p.source_key is not None and p.module.update is not None and len(sliced.shape(p.source_key)) >= 2]
+            check_lora_fits_somewhere(on, sliced, lora.path or "<LoRA>", describe)
+        keys = [p.source_key for p in plan if p.source_key is not None]
+        n_modules = sum(p.source_key is not None for p in plan)
+        for t in targets:
+            check_shapes_can_match(sliced, with_slices(t), keys, config.pairing, f"the LoRA's {n_modules} modules" if len(placed) == 1
+                                   else f"the {n_modules} modules of the {len(placed)} LoRAs", describe, absent_ok=found is None)
+        for ti, (target, run) in enumerate(zip(targets, runs)):
+            results, stats = transfer(placed, plan, source, target, config, bases, progress, check_interrupt)  # type: ignore[arg-type]
+            target.save_memo()
+            run.stats.svd_computed += stats.svd_computed
+            run.stats.bases_from_cache += stats.bases_from_cache
+            run.stats.seconds += stats.seconds
+            run.stats.worst_subspace_change = max(run.stats.worst_subspace_change, stats.worst_subspace_change)
+            said(f"ProLoRA {config.mode}, pairing {config.pairing}: {source.label} → {target.label}; bases computed {stats.svd_computed}, "
+                 f"from cache {stats.bases_from_cache}; CPU threads {config.threads}")
+            target_model = family(target) if found is not None else None
+            kind = target_model.kind if target_model is not None else None  # names the target in the base-model metadata fields
+            for li, result in enumerate(results):
+                if check_interrupt is not None:
+                    check_interrupt()
+                if progress is not None:
+                    progress(li, len(results), f"writing {result.lora.path.name if result.lora.path else f'LoRA {li + 1}'}")
+                run.written.append(_write(result, li, kept[li], ti, source, target, config, kind, found is not None, out_path, said, warn,
+                                          on_saved, listed_in))
+                run.results.append(_released(result))
+        loras += [_released_lora(lora) for lora in placed]
+    if not loras:
+        raise failed[0][1] if failed else ProLoRAError("no LoRA given")
+    if len(lora_paths) > 1:
+        written = sum(p is not None for run in runs for p in run.written)
+        said(f"{written} of {len(lora_paths) * len(targets)} outputs written ({len(lora_paths)} LoRAs"
+             + (f" × {len(targets)} targets" if len(targets) > 1 else "") + (f"; {len(failed)} left out" if failed else "") + ")")
     source.save_memo()
     evicted = cache.evict(cache_max_bytes) if cache is not None and cache_max_bytes is not None else 0
     return FilesRun(source, loras, runs, naming, quantized, lines, evicted, failed)
+
+
+def lora_groups(paths: Sequence[str | Path], group_bytes: int) -> list[list[int]]:
+    """Indices of ``paths`` in consecutive groups of at most ``group_bytes`` of LoRA files (at least
+    one LoRA each; an unreadable size counts 0, its error comes when it is read)."""
+    groups: list[list[int]] = []
+    size = 0
+    for i, p in enumerate(paths):
+        try:
+            n = os.path.getsize(p)
+        except OSError:
+            n = 0
+        if not groups or size + n > group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    return groups
+
+
+def _write(result: TransferResult, li: int, lora_index: int, ti: int, source: WeightSource, target: WeightSource, config: TransferConfig,
+           kind: str | None, comfy_keys: bool, out_path: Callable[[int, int], Path], said: Callable[[str], None], warn: Callable[[str], None],
+           on_saved: Callable[[Path], str | None] | None, listed_in: str) -> Path | None:
+    """Say one LoRA's summary and write its output atomically (``None``: nothing could be transferred, nothing written)."""
+    summary = result.summary()
+    for line in format_summary(result.lora.path.name if result.lora.path else f"LoRA {li + 1}", summary, config.threshold,
+                               *(("the source file carries no such text-encoder weight",) if comfy_keys else ())):
+        said(line)
+    if summary["transferred"] == 0:
+        said("  nothing written")
+        warn(f"{result.lora.path}: no module could be transferred to {target.label}; nothing written for it")
+        return None
+    out = out_path(lora_index, ti)
+    atomic_save(result.tensors, out, output_metadata(result, source.label, target.label, config, kind))
+    line = on_saved(out) if on_saved is not None else None
+    if line:
+        said(line)
+    skipped = [m for m in result.modules if not m.transferred and m.source_key is not None]
+    if skipped:
+        why = [f"{m.source} ({m.reason}" + (f"; best candidate {m.candidate}, Φ {m.candidate_phi:.2f}"
+                                            if m.candidate is not None and m.candidate_phi is not None else "") + ")" for m in skipped]
+        warn(f"{len(skipped)} modules not transferred to {target.label}: " + _first(why, listed_in))
+    return out
+
+
+def _released(result: TransferResult) -> TransferResult:
+    """``result`` once written, holding no tensor data: its tensors as meta tensors (names and shapes,
+    which :meth:`TransferResult.summary` counts), its LoRA without modules (:func:`_released_lora`)."""
+    return replace(result, lora=_released_lora(result.lora), tensors={k: t.to("meta") for k, t in result.tensors.items()})
+
+
+def _released_lora(lora: LoraFile) -> LoraFile:
+    """``lora`` without its modules (their tensors): path, metadata, unused keys and dtype stay."""
+    return replace(lora, modules={})
 
 
 def _not_mapped(plan: Sequence[Planned], loras: Sequence[LoraFile], source_label: str, strict: bool, warn: Callable[[str], None],

@@ -38,6 +38,12 @@ def all_finite(t: Tensor) -> bool:
     """No NaN or Inf in ``t``; works for every dtype (torch has no ``isfinite`` for 8-bit floats)."""
     if not torch.is_floating_point(t):
         return True
+    if 2 <= t.element_size() <= 4:
+        # One NaN or ±Inf makes the sum non-finite (Inf − Inf is NaN), and a sum of finite values
+        # cannot overflow here: fp16 (≤ 65504) summed in float32, the others in float64. ~5× faster
+        # than isfinite().all() on an fp16 LoRA (no boolean tensor).
+        acc = torch.float32 if t.dtype == torch.float16 else torch.float64
+        return bool(torch.isfinite(t.sum(dtype=acc)))
     return bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())
 
 

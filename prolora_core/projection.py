@@ -70,15 +70,22 @@ def project(lora: Factors, source: Basis, target: Basis, mode: Mode) -> Factors:
     Us, Vs, Ut, Vt = source.U, source.V, target.U.to(dev, dt), target.V.to(dev, dt)
     if B.shape[0] != Us.shape[0] or A.shape[1] != Vs.shape[0]:
         raise ValueError(f"LoRA is {B.shape[0]}×{A.shape[1]} but the bases are {Us.shape[0]}×{Vs.shape[0]}")
-    B_par = project_left(Ut, project_left(Us, B))
-    A_par = project_right(project_right(A, Vs), Vt)
     if mode == "subspace":
-        return Factors(B_par, A_par, lora.scale)
-    B_perp = project_left_perp(Ut, project_left_perp(Us, B))
-    A_perp = project_right_perp(project_right_perp(A, Vs), Vt)
+        return Factors(project_left(Ut, project_left(Us, B)), project_right(project_right(A, Vs), Vt), lora.scale)
+    # Each side once through the source basis: P = P_Us B, B₁ = P_Us⊥ B = B − P (and A's alike).
+    # prolora:      B_∥ = P_Ut P,  B_⊥ = P_Ut⊥ B₁ = B₁ − Ut Utᵀ B₁  (Utᵀ [P B₁] in one product);
+    # prolora-full: B_∥ + B_⊥ = B₁ + Ut Utᵀ (P − B₁).
+    # 6 (prolora) or 4 (prolora-full) products of m·k·r per side instead of 8.
+    P = Us @ (Us.T @ B)
+    B1 = B - P
+    Q = A @ Vs @ Vs.T
+    A1 = A - Q
     if mode == "prolora":
-        return Factors(torch.cat([B_par, B_perp], dim=1), torch.cat([A_par, A_perp], dim=0), lora.scale)
-    return Factors(B_par + B_perp, A_par + A_perp, lora.scale)
+        r = B.shape[1]
+        left = Ut @ (Ut.T @ torch.cat([P, B1], dim=1))
+        right = torch.cat([Q, A1], dim=0) @ Vt @ Vt.T
+        return Factors(torch.cat([left[:, :r], B1 - left[:, r:]], dim=1), torch.cat([right[:r], A1 - right[r:]], dim=0), lora.scale)
+    return Factors(B1 + Ut @ (Ut.T @ (P - B1)), A1 + ((Q - A1) @ Vt) @ Vt.T, lora.scale)
 
 
 def project_dense(delta: Tensor, source: Basis, target: Basis, mode: Mode) -> Tensor:

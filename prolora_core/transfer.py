@@ -52,7 +52,7 @@ def transfer(
     pair_only = set(keys) - {p.source_key for p in plan if p.module.update is not None}
     matches, stats = match_modules(keys, source, target, config, cache, progress, check_interrupt, pair_only)
     t0 = time.perf_counter()
-    results = project_loras(loras, plan, matches, config, check_interrupt, source=source, target=target)
+    results = project_loras(loras, plan, matches, config, check_interrupt, source=source, target=target, progress=progress)
     provider = BasisProvider(config.basis, resolve_device(config.device), cache)
     with torch_threads(config.threads):
         suggest_candidates(results, matches, source, target, config, provider)

@@ -35,6 +35,8 @@ def row_blocks(up: Tensor) -> list[tuple[int, int, int, int]] | None:
     if up.ndim != 2 or up.shape[1] < 2:
         return None
     m, r = int(up.shape[0]), int(up.shape[1])
+    if up[0, r - 1] != 0 or up[m - 1, 0] != 0:  # the last block starts below row 0, the first ends above row m − 1
+        return None  # (an O(1) test that spares a dense LoRA the scan below)
     nz = up != 0
     if not bool(nz.any(dim=0).all()):
         return None
