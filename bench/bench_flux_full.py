@@ -24,7 +24,8 @@ Weights are structured, cheap to generate: ``W = U diag(s) Vᵀ + G / (√m + �
 Gaussian (scaled to unit columns, near-orthonormal at these sizes), ``s`` from 100 down to 10 over
 the engine's k = min(64, d // 4) directions and ``G`` Gaussian (spectral norm ≈ 1): a gap of ≈ 10 at
 k; the target is ``W + 0.005·100·G' / (√m + √n)`` before the fp8 rounding; both scaled so the source's
-entries have an RMS of 0.02. 1-D tensors: norms 1, biases 0.01·Gaussian.
+entries have an RMS of 0.02. ``G`` and ``G'`` are windows at two seeded offsets of one pool of 2^27
+Gaussian samples (cheap: no fresh 12 B-sample ``randn``). 1-D tensors: norms 1, biases 0.01·Gaussian.
 
 Then, each in a fresh process (``bench/phases.py`` ``engine``: ``prolora_core.cli.main(["transfer",
 …])``, ``--threads``, default 2), the CLI ``transfer`` **cold** (empty basis cache) with LoRA A and
@@ -128,18 +129,33 @@ class Writer:
         self.tmp.replace(self.path)
 
 
-def structured(m: int, n: int, gen) -> tuple:
-    """(source, target) float32 ``m × n``: low-rank with a gap at k, plus noise (see the module docstring)."""
+#: one Gaussian pool (2^27 float32 samples, 512 MiB) from which every weight's noise is a window at a
+#: seeded offset: a fresh ``randn`` of 2 × 12 B samples would take most of the run on 2 shared cores
+POOL_SIZE = 1 << 27
+
+
+def noise_pool() -> "torch.Tensor":
+    import torch
+
+    return torch.randn(POOL_SIZE, generator=torch.Generator().manual_seed(SEED + 12_345))
+
+
+def structured(m: int, n: int, gen, pool) -> tuple:
+    """(source, target) float32 ``m × n``: low-rank with a gap at k, plus noise (see the module docstring).
+    The two noise matrices are windows of ``pool`` at two seeded offsets (different offsets: uncorrelated)."""
     import torch
 
     k = max(1, min(64, min(m, n) // 4))
     U = torch.randn(m, k, generator=gen).div_(math.sqrt(m))
     V = torch.randn(n, k, generator=gen).div_(math.sqrt(n))
     noise = 1.0 / (math.sqrt(m) + math.sqrt(n))
-    w = torch.randn(m, n, generator=gen).mul_(noise)
-    w.addmm_(U * torch.linspace(100.0, 10.0, k), V.T)
+    size = m * n
+    if size > pool.numel():
+        raise ValueError(f"a {m} × {n} weight is larger than the noise pool")
+    o1, o2 = (int(o) for o in torch.randint(0, pool.numel() - size + 1, (2,), generator=gen))
+    w = torch.addmm(pool[o1:o1 + size].view(m, n), U * torch.linspace(100.0, 10.0, k), V.T, beta=noise)
     c = RMS / float(w.square().mean().sqrt())
-    t = torch.randn(m, n, generator=gen).mul_(RHO * 100.0 * noise).add_(w).mul_(c)
+    t = torch.add(w, pool[o2:o2 + size].view(m, n), alpha=RHO * 100.0 * noise).mul_(c)
     return w.mul_(c), t
 
 
@@ -162,11 +178,12 @@ def generate(folder: Path, family: str, layout: list[tuple[str, tuple[int, ...]]
                  {"prolora_bench": "target"})
     loras: dict[str, dict[str, torch.Tensor]] = {"lora_a": {}, "lora_b": {}}
     done = 0
+    pool = noise_pool()
     for i, (key, shape) in enumerate(layout):
         gen = torch.Generator().manual_seed(SEED * 100_003 + i)
         if len(shape) >= 2:
             m, n = shape[0], math.prod(shape[1:])
-            w, t = structured(m, n, gen)
+            w, t = structured(m, n, gen, pool)
             w, t = w.reshape(shape), t.reshape(shape)
         elif key.endswith(("scale", "norm.weight")) or ".norm" in key and key.endswith(".weight"):
             w = torch.ones(shape)
