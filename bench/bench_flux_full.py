@@ -47,13 +47,15 @@ import math
 import os
 import platform
 import shutil
+import signal
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import BinaryIO
 
-from .bench_transfer import fmt_s, log, run_phase
+from .bench_transfer import ROOT, fmt_s, log
 
 RMS, LORA_RANK, LORA_ALPHA, RHO, SEED = 0.02, 16, 16.0, 0.005, 0
 _ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float8_e4m3fn": "F8_E4M3"}
@@ -213,6 +215,76 @@ def generate(folder: Path, family: str, layout: list[tuple[str, tuple[int, ...]]
     return {"reused": False, "seconds": time.perf_counter() - t0}
 
 
+def _status_kib(pid: int) -> dict[str, float]:
+    """``VmHWM``, ``VmRSS`` and ``RssAnon`` of a live process, KiB (empty once it has exited)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {ln.split(":")[0]: float(ln.split()[1]) for ln in lines if ln.startswith(("VmHWM:", "VmRSS:", "RssAnon:"))}
+
+
+def _bases_written(cache: Path) -> list[tuple[float, int]]:
+    """(write time, m·n) of every basis in the cache, oldest first (``m``, ``n`` from its U and V shapes)."""
+    out = []
+    for f in cache.rglob("*.safetensors"):
+        try:
+            with open(f, "rb") as fh:
+                header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+            out.append((f.stat().st_mtime, header["U"]["shape"][0] * header["V"]["shape"][0]))
+        except (OSError, ValueError, KeyError):
+            continue  # being written
+    return sorted(out)
+
+
+def run_engine(args: dict, work: Path, name: str, time_limit: float | None) -> dict:
+    """``bench.phases engine`` in a fresh process (its log streamed to ``<work>/<name>.log``), watched
+    from here every second: peak ``VmHWM`` / ``RssAnon`` from ``/proc`` and the bases written to the
+    cache. Past ``time_limit`` seconds the process is stopped and the partial figures are returned
+    (``completed: False``: the bases computed, the time to the first one, the longest gap between two)."""
+    args = dict(args, work=str(work), result=str(work / f"{name}.json"))
+    argfile = work / f"{name}.args.json"
+    argfile.write_text(json.dumps(args))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args["threads"]), MKL_NUM_THREADS=str(args["threads"]))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    cache = Path(args["cache"])
+    before = {t for t, _ in _bases_written(cache)} if cache.exists() else set()
+    peak = {"VmHWM": 0.0, "RssAnon": 0.0, "VmRSS": 0.0}
+    t0 = time.time()
+    with open(work / f"{name}.log", "w") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.phases", "engine", "--args", str(argfile)], cwd=ROOT, env=env,
+                                stdout=logf, stderr=subprocess.STDOUT)
+        stopped = False
+        while proc.poll() is None:
+            for k, v in _status_kib(proc.pid).items():
+                peak[k] = max(peak[k], v)
+            if time_limit is not None and time.time() - t0 > time_limit:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                stopped = True
+                break
+            time.sleep(1.0)
+    seconds = time.time() - t0
+    new = [(t, e) for t, e in _bases_written(cache) if t not in before] if cache.exists() else []
+    times = [t0] + [t for t, _ in new]
+    watched = {"watched_peak_hwm_mib": peak["VmHWM"] / 1024, "watched_peak_anon_mib": peak["RssAnon"] / 1024, "bases_written": len(new),
+               "elements_written": sum(e for _, e in new), "first_basis_s": (new[0][0] - t0) if new else None,
+               "longest_gap_between_bases_s": max((b - a for a, b in zip(times[1:], times[2:])), default=0.0),
+               "last_basis_s": (new[-1][0] - t0) if new else None}
+    if stopped or proc.returncode != 0:
+        if not stopped:
+            sys.stderr.write((work / f"{name}.log").read_text()[-4000:])
+            raise SystemExit(f"phase {name} failed with exit code {proc.returncode} (log: {work / f'{name}.log'})")
+        log(f"{name}: stopped at the time limit ({time_limit:.0f} s)")
+        return {"completed": False, "seconds": seconds, **watched}
+    res = json.loads((work / f"{name}.json").read_text())
+    return {"completed": True, **res, **watched, "wall_with_startup": seconds}
+
+
 def gib(path: Path) -> float:
     return path.stat().st_size / 2**30
 
@@ -226,21 +298,43 @@ def render(res: dict, opts: argparse.Namespace) -> str:
              f"under `nice -n 10`, engine defaults (`prolora-full`, threshold 0.8, randomized bases, k = min(64, d // 4)).", "",
              f"- Layout: {res['tensors']} tensors ({res['params'] / 1e9:.2f} B parameters) of ComfyUI's own class on the meta device"
              + (f", the first {opts.blocks} blocks of each kind" if opts.blocks else "") + "; detected by the CLI as "
-             f"`{res['cold']['detected']}`.",
+             f"`{res['cold'].get('detected', '(run stopped before its report)')}`.",
              f"- Source {res['files']['source']:.2f} GiB ({opts.source_dtype}), target {res['files']['target']:.2f} GiB (fp8 e4m3fn weights), "
-             f"LoRAs {res['files']['lora_a']:.3f} GiB each (rank {LORA_RANK}, kohya names, bf16) on {res['cold']['modules']} block weights; "
+             f"LoRAs {res['files']['lora_a']:.3f} GiB each (rank {LORA_RANK}, kohya names, bf16) on {res['bases_total'] // 2} block weights; "
              f"generated in {fmt_s(res['generate']['seconds'])} s" + (" (re-used)" if res["generate"]["reused"] else "") + ".",
              f"- RAM {res['ram_gib']:.0f} GiB against {res['files']['source'] + res['files']['target']:.1f} GiB of bases: the OS page cache cannot hold "
              "both files, so each run reads them from disk." if res["files"]["source"] + res["files"]["target"] > res["ram_gib"] * 0.8 else
              "- The bases fit in the OS page cache (the warm run reads them from memory).", "",
              "| run | wall s | bases computed / from cache | modules transferred | peak own (anonymous) MiB | peak RSS MiB (incl. mapped file pages) | "
              "longest progress silence s | after the last progress line s | Φ (U, V) lowest |", "|---|---|---|---|---|---|---|---|---|"]
+    partial = []
     for run in ("cold", "warm"):
-        r = res[run]
+        r = res.get(run)
+        if r is None:
+            lines.append(f"| {run} | not run (the cold run did not finish) | | | | | | | |")
+            continue
+        if not r["completed"]:
+            lines.append(f"| {run} | stopped at {fmt_s(r['seconds'])} (time limit) | {r['bases_written']} of {res['bases_total']} computed | — | "
+                         f"**{r['watched_peak_anon_mib']:.0f}** | {r['watched_peak_hwm_mib']:.0f} | {r['longest_gap_between_bases_s']:.1f} "
+                         "(between two bases written) | — | — |")
+            partial.append((run, r))
+            continue
         lo = min(min(v) for v in r["phi"].values()) if r["phi"] else float("nan")
         lines.append(f"| {run} | **{fmt_s(r['seconds'])}** | {r['svd_computed']} / {r['bases_from_cache']} | {r['transferred']}/{r['modules']} | "
-                     f"**{r['peak_anon_mib']:.0f}** | {r['peak_rss_mib']:.0f} | {r['silence']:.1f} | {r['tail']:.1f} | {lo:.4f} |")
-    lines += ["", f"Cache after the cold run: {res['cache_mib']:.0f} MiB. Total wall time of the benchmark {fmt_s(res['seconds'])} s.", ""]
+                     f"**{max(r['peak_anon_mib'], r['watched_peak_anon_mib']):.0f}** | {max(r['peak_rss_mib'], r['watched_peak_hwm_mib']):.0f} | "
+                     f"{r['silence']:.1f} | {r['tail']:.1f} | {lo:.4f} |")
+    for run, r in partial:
+        if r["bases_written"] >= 2:
+            busy = r["last_basis_s"] - r["first_basis_s"]
+            rate = r["elements_written"] / max(busy, 1e-9)  # entries of weights whose bases were written, per second
+            rest = (res["elements_total"] - r["elements_written"]) / rate
+            lines += ["", f"- {run}: both files hashed and the first basis written after {fmt_s(r['first_basis_s'])} s; then "
+                      f"{r['bases_written']} bases ({r['elements_written'] / 1e9:.2f} G of {res['elements_total'] / 1e9:.2f} G weight entries) in "
+                      f"{fmt_s(busy)} s, {rate / 1e6:.1f} M entries/s: the whole {run} run at that rate ≈ **{fmt_s(r['last_basis_s'] + rest)} s** "
+                      "(extrapolated from this run's own rate, not measured to the end)."]
+    lines += ["", f"Cache after the cold run: {res['cache_mib']:.0f} MiB. Total wall time of the benchmark {fmt_s(res['seconds'])} s. "
+              "Peak memory: the larger of the phase's own 10 ms sampler and this script's 1 s reading of `/proc/<pid>/status` "
+              "(`RssAnon`, `VmHWM`).", ""]
     return "\n".join(lines)
 
 
@@ -253,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=os.environ.get("PROLORA_BENCH_DIR", "/tmp/prolora-bench") + "/full")
     ap.add_argument("--out", default=None, help="markdown output (default bench/results-flux-full.md or -wan-full.md)")
     ap.add_argument("--keep", action="store_true", help="keep the generated data (default: deleted at the end)")
+    ap.add_argument("--time-limit", type=float, default=None, help="stop a transfer after this many seconds and report how far it got "
+                    "(the bases computed, memory, the rate: on a loaded machine the cold run may not finish)")
     ap.add_argument("--render-only", action="store_true")
     opts = ap.parse_args(argv)
     opts.source_dtype = opts.source_dtype or ("bfloat16" if opts.family == "flux-dev" else "float16")
@@ -278,17 +374,23 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         cache = work / "cache"
         shutil.rmtree(cache, ignore_errors=True)  # cold: an empty cache
+        lora_shapes = [s for k, s in layout if is_lora_weight(opts.family, k, s)]
+        res["bases_total"], res["elements_total"] = 2 * len(lora_shapes), 2 * sum(math.prod(s) for s in lora_shapes)
         for run, lora in (("cold", "lora_a"), ("warm", "lora_b")):
-            r = run_phase("engine", {"folder": str(folder), "device": "cpu", "mode": "prolora-full", "threads": opts.threads, "cli_threads": opts.threads,
-                                     "cache": str(cache), "threshold": 0.8, "lora": f"{lora}.safetensors", "out": str(work / f"{run}.safetensors"),
-                                     "report": str(work / f"{run}-report.json")}, work, run)
-            r["detected"] = json.loads((work / f"{run}-report.json").read_text())["summary"].get("key_map", "?")
-            r.pop("pairs", None)
+            r = run_engine({"folder": str(folder), "device": "cpu", "mode": "prolora-full", "threads": opts.threads, "cli_threads": opts.threads,
+                            "cache": str(cache), "threshold": 0.8, "lora": f"{lora}.safetensors", "out": str(work / f"{run}.safetensors"),
+                            "report": str(work / f"{run}-report.json")}, work, run, opts.time_limit)
             res[run] = r
-            log(f"{run}: {fmt_s(r['seconds'])} s, {r['transferred']}/{r['modules']} transferred, bases {r['svd_computed']} computed / "
-                f"{r['bases_from_cache']} cached, peak own {r['peak_anon_mib']:.0f} MiB, RSS {r['peak_rss_mib']:.0f} MiB, silence {r['silence']:.1f} s")
             if run == "cold":
                 res["cache_mib"] = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) / 2**20
+            if not r["completed"]:
+                log(f"{run}: stopped after {fmt_s(r['seconds'])} s with {r['bases_written']}/{res['bases_total']} bases; peak own "
+                    f"{r['watched_peak_anon_mib']:.0f} MiB, VmHWM {r['watched_peak_hwm_mib']:.0f} MiB")
+                break  # a warm run needs the whole cache of the cold one
+            r["detected"] = json.loads((work / f"{run}-report.json").read_text())["summary"].get("key_map", "?")
+            r.pop("pairs", None)
+            log(f"{run}: {fmt_s(r['seconds'])} s, {r['transferred']}/{r['modules']} transferred, bases {r['svd_computed']} computed / "
+                f"{r['bases_from_cache']} cached, peak own {r['peak_anon_mib']:.0f} MiB, RSS {r['peak_rss_mib']:.0f} MiB, silence {r['silence']:.1f} s")
         res["load"].append(os.getloadavg()[0])
         res["seconds"] = time.perf_counter() - t0
         result_path.write_text(json.dumps(res, indent=1))
