@@ -302,10 +302,12 @@ def render(res: dict, opts: argparse.Namespace) -> str:
              f"- Source {res['files']['source']:.2f} GiB ({opts.source_dtype}), target {res['files']['target']:.2f} GiB (fp8 e4m3fn weights), "
              f"LoRAs {res['files']['lora_a']:.3f} GiB each (rank {LORA_RANK}, kohya names, bf16) on {res['bases_total'] // 2} block weights; "
              f"generated in {fmt_s(res['generate']['seconds'])} s" + (" (re-used)" if res["generate"]["reused"] else "") + ".",
-             f"- RAM {res['ram_gib']:.0f} GiB against {res['files']['source'] + res['files']['target']:.1f} GiB of bases: the OS page cache cannot hold "
+             f"- RAM {res['ram_gib']:.0f} GiB against {res['files']['source'] + res['files']['target']:.1f} GiB of bases: "
+             "the OS page cache cannot hold "
              "both files, so each run reads them from disk." if res["files"]["source"] + res["files"]["target"] > res["ram_gib"] * 0.8 else
              "- The bases fit in the OS page cache (the warm run reads them from memory).", "",
-             "| run | wall s | bases computed / from cache | modules transferred | peak own (anonymous) MiB | peak RSS MiB (incl. mapped file pages) | "
+             "| run | wall s | bases computed / from cache | modules transferred | peak own (anonymous) MiB | "
+             "peak RSS MiB (incl. mapped file pages) | "
              "longest progress silence s | after the last progress line s | Φ (U, V) lowest |", "|---|---|---|---|---|---|---|---|---|"]
     partial = []
     for run in ("cold", "warm"):
@@ -366,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         layout = full_layout(opts.family, opts.blocks)
         need = sum(math.prod(s) for _, s in layout) * (2 + 1) / 2**30
         free = shutil.disk_usage(folder.parent if folder.parent.exists() else "/").free / 2**30
-        log(f"{opts.family}: {len(layout)} tensors, {sum(math.prod(s) for _, s in layout) / 1e9:.2f} B parameters; ≈ {need:.1f} GiB to write, {free:.1f} GiB free")
+        log(f"{opts.family}: {len(layout)} tensors, {sum(math.prod(s) for _, s in layout) / 1e9:.2f} B parameters; "
+            f"≈ {need:.1f} GiB to write (unless re-used), {free:.1f} GiB free")
         res = {"torch": torch.__version__, "ram_gib": psutil.virtual_memory().total / 2**30, "tensors": len(layout),
                "params": sum(math.prod(s) for _, s in layout), "load": [os.getloadavg()[0]]}
         res["generate"] = generate(folder, opts.family, layout, opts.source_dtype)
@@ -390,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             r["detected"] = json.loads((work / f"{run}-report.json").read_text())["summary"].get("key_map", "?")
             r.pop("pairs", None)
             log(f"{run}: {fmt_s(r['seconds'])} s, {r['transferred']}/{r['modules']} transferred, bases {r['svd_computed']} computed / "
-                f"{r['bases_from_cache']} cached, peak own {r['peak_anon_mib']:.0f} MiB, RSS {r['peak_rss_mib']:.0f} MiB, silence {r['silence']:.1f} s")
+                f"{r['bases_from_cache']} cached, peak own {r['peak_anon_mib']:.0f} MiB, RSS {r['peak_rss_mib']:.0f} MiB, "
+                f"silence {r['silence']:.1f} s")
         res["load"].append(os.getloadavg()[0])
         res["seconds"] = time.perf_counter() - t0
         result_path.write_text(json.dumps(res, indent=1))
