@@ -2,9 +2,9 @@
 
 Run from the repository root (the full run needs ≈ 40 GB free under ``--data-dir``)::
 
-    nice -n 10 .venv/bin/python -m bench.bench_flux_full --data-dir /tmp/i4/flux              # all 19 + 38 blocks
-    nice -n 10 .venv/bin/python -m bench.bench_flux_full --blocks 2 --data-dir /tmp/i4/flux2  # a cut-down try
-    nice -n 10 .venv/bin/python -m bench.bench_flux_full --family wan-14b --data-dir /tmp/i4/wan
+    nice -n 10 .venv/bin/python -m bench.bench_flux_full --data-dir /tmp/flux-full              # all 19 + 38 blocks
+    nice -n 10 .venv/bin/python -m bench.bench_flux_full --blocks 2 --data-dir /tmp/flux-full-2  # a cut-down try
+    nice -n 10 .venv/bin/python -m bench.bench_flux_full --family wan-14b --data-dir /tmp/wan-full
 
 What it writes (``--data-dir``), each tensor streamed to disk as it is made, so that neither model is
 ever held in memory:
