@@ -51,6 +51,10 @@ VARIANTS = [(f"casa≤{r0:g}→copy", "rel", r0, "copy") for r0 in (0.10, 0.13, 
            [("casa≤0.13→prolora-full", "rel", 0.13, "prolora-full")] + \
            [(f"casa|seen≤{s0:g}→copy", "seen", s0, "copy") for s0 in (0.05, 0.08)] + \
            [("casa|median rel≤0.13→copy", "median_rel", 0.13, "copy")]
+if os.environ.get("AUTO_VARIANTS"):  # e.g. "casa≤0.13→copy": only these variants
+    VARIANTS = [v for v in VARIANTS if v[0] in os.environ["AUTO_VARIANTS"].split(",")]
+#: the zoo to read (``evidence.lora_seeds`` writes zoos that differ in one source LoRA)
+ZOO = Path(os.environ.get("AUTO_ZOO", str(ZOO_DIR)))
 
 
 def log(msg: str) -> None:
@@ -132,7 +136,7 @@ def variant_tensors(zoo: Zoo, lora: str, tname: str) -> tuple[dict[str, dict], d
 
 
 def cmd_features() -> None:
-    zoo = Zoo(ZOO_DIR)
+    zoo = Zoo(ZOO)
     for lora in ("style", "concept"):
         for tname in TARGETS[:-1] + ("turbo", "ladder_mid", "ladder_far"):
             _, feats = transfers(zoo, lora, tname)
@@ -147,7 +151,7 @@ def cmd_features() -> None:
 
 
 def cmd_protocol(loras: list[str], targets: list[str], n_loss: int = 192, seeds: int = 3) -> list[dict]:
-    zoo = Zoo(ZOO_DIR)
+    zoo = Zoo(ZOO)
     ev = Evaluator(zoo, n_loss, list(range(seeds)))
     rows = []
     for lora in loras:
@@ -169,7 +173,7 @@ def cmd_protocol(loras: list[str], targets: list[str], n_loss: int = 192, seeds:
 
 def cmd_turbo(loras: list[str], seeds: int = 3, n: int = 24) -> list[dict]:
     from .turbo import score_lora
-    zoo = Zoo(ZOO_DIR)
+    zoo = Zoo(ZOO)
     rows = []
     for lora in loras:
         methods, _, share = variant_tensors(zoo, lora, "turbo")

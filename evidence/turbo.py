@@ -52,7 +52,7 @@ from .protocol import LORAS, Zoo, delta_stats, detector, engine_transfer, mean, 
 
 TURBO = "turbo"
 #: Engine modes tried on the turbo, in table order; ``casa`` shows up once the engine has it.
-ENGINE_MODES = ("copy", "subspace", "prolora", "prolora-full", "casa")
+ENGINE_MODES = ("copy", "subspace", "prolora", "prolora-full", "casa", "auto")
 METHODS = ("no LoRA",) + tuple(m for m in ENGINE_MODES if m in MODES)
 FULL = {}  # the protocol's full schedule: ksample's defaults (euler, normal, 15 steps, cfg 2)
 BEGIN = "<!-- evidence.turbo: begin (written by `python -m evidence.turbo`) -->"
