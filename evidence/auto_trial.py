@@ -3,6 +3,7 @@
     cd <repo> && nice -n 10 .venv/bin/python -m evidence.auto_trial features          # per-target feature quantiles
     nice -n 10 .venv/bin/python -m evidence.auto_trial protocol style concept         # loss / in-domain gaps → $AUTO_OUT (json)
     nice -n 10 .venv/bin/python -m evidence.auto_trial turbo style concept            # turbo gap closed (few-step samples)
+    nice -n 10 .venv/bin/python -m evidence.auto_trial identity                       # engine mode auto = the mode it chose, per pair
 
 `casa` beats Copy where the target departs moderately from the source (descendant A, pruned B) and
 loses to it on ``sibling_c`` (the source's init trained like C: Φ passes, but the weights are not
@@ -150,6 +151,23 @@ def cmd_features() -> None:
                       flush=True)
 
 
+def cmd_identity() -> None:
+    """Engine mode ``auto`` on every zoo pair, against the engine mode (or No LoRA) it says it chose:
+    the tensors must be identical, so its protocol and turbo numbers are that mode's rows."""
+    zoo = Zoo(ZOO)
+    for lora in ("style", "concept"):
+        for tname in ("descendant_a_near", "descendant_a", "descendant_b", "turbo", "sibling_c", "ladder_mid", "ladder_far", "unrelated_c"):
+            t = zoo.target(tname)
+            pairing = PAIRING.get(tname, "name")
+            a = run_engine(zoo.source_lora(lora), zoo.source.weights, t.weights, "auto", pairing=pairing)
+            chosen = a.modules[0].reason.split("auto: ")[1].split(";")[0].split(",")[0]
+            mode = chosen if chosen in ("casa", "copy") else None
+            ref = run_engine(zoo.source_lora(lora), zoo.source.weights, t.weights, mode, pairing="name" if mode == "copy" else pairing) if mode else None
+            same = (not a.tensors) if ref is None else (
+                set(a.tensors) == set(ref.tensors) and all(torch.equal(a.tensors[k], ref.tensors[k]) for k in a.tensors))
+            print(f"{lora} → {tname}: {a.modules[0].reason}; identical to {mode or 'No LoRA'}: {same}", flush=True)
+
+
 def cmd_protocol(loras: list[str], targets: list[str], n_loss: int = 192, seeds: int = 3) -> list[dict]:
     zoo = Zoo(ZOO)
     ev = Evaluator(zoo, n_loss, list(range(seeds)))
@@ -189,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     what, loras = argv[0], argv[1:] or ["style", "concept"]
     out = Path(os.environ.get("AUTO_OUT", f"/tmp/auto_{what}.json"))
-    if what == "features":
-        cmd_features()
+    if what in ("features", "identity"):
+        cmd_features() if what == "features" else cmd_identity()
         return 0
     t0 = time.time()
     targets = os.environ.get("AUTO_TARGETS", " ".join(TARGETS)).split()

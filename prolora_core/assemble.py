@@ -9,11 +9,12 @@ as it came (:meth:`.adapters.Adapter.copied`; LoRA factors as kohya factors, sca
 ``casa`` mode (:mod:`.casa`) each module reads its source and target weights, one module at a time;
 the update is written back by :meth:`.adapters.Adapter.from_dense` with the output rank (default:
 the input LoRA's; a ``.diff`` stays dense). In ``auto`` mode (:mod:`.auto`) a first pass reads the
-paired weights of every module that passes the Φ filter and picks ``casa`` or ``copy`` for the whole
-LoRA from their median relative departure; each module's report gives the choice and the numbers.
+paired weights of every module that passes the Φ filter and picks ``casa``, ``copy`` or nothing for
+the whole LoRA; each module's report gives the choice and the numbers.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -79,8 +80,8 @@ def project_loras(loras: Sequence[LoraFile], plan: Sequence[Planned], matches: d
     reports: list[list[ModuleReport]] = [[] for _ in loras]
     pieces: list[dict[str, list[Piece]]] = [{} for _ in loras]
     with torch_threads(config.threads):
-        departures = _departures(loras, plan, matches, config, (source, target)) if config.mode == "auto" else {}
-        choices = {i: auto.choose(list(d.values())) for i, d in departures.items()}
+        departures, paired = _departures(loras, plan, matches, config, (source, target)) if config.mode == "auto" else ({}, {})
+        choices = {i: auto.choose(list(d.values()), paired[i]) for i, d in departures.items()}
         for p in plan:
             if check_interrupt is not None:
                 check_interrupt()
@@ -98,15 +99,20 @@ def project_loras(loras: Sequence[LoraFile], plan: Sequence[Planned], matches: d
                 rep.basis_uncertainty = match.uncertainty
             if match.target_key is None:
                 continue
+            mode, why = config.mode, "transferred"
+            if mode == "auto" and mod.update is not None:  # one choice per LoRA (auto.py)
+                choice, median = choices[p.lora_index]
+                rel = departures[p.lora_index].get(p.source_key)  # type: ignore[arg-type]
+                why = auto.reason(choice, median, rel, len(departures[p.lora_index]), paired[p.lora_index])
+                if choice == "none":
+                    rep.reason = why
+                    continue
+                mode = choice
+                if choice == "copy":  # the update as it came on its paired module, Φ or not
+                    match = dataclasses.replace(match, basis_free=True)
             if mod.update is not None and not match.passes(config):  # Φ filters projections; 1-D parts are carried
                 rep.reason = "below threshold"
                 continue
-            mode, why = config.mode, "transferred"
-            if mode == "auto":
-                choice, median = choices.get(p.lora_index, ("copy", float("nan")))
-                mode = choice
-                if mod.update is not None:
-                    why = auto.reason(choice, median, departures[p.lora_index][p.source_key])
             piece = cpu_fallback(f"the projection of {mod.name}",
                                  lambda dev: _transfer_module(rep, mod, match, config, lora.dtype, (source, target), dev, mode))  # noqa: B023
             rep.transferred, rep.reason = True, why if mod.update is not None else "carried over unchanged"
@@ -120,19 +126,24 @@ def project_loras(loras: Sequence[LoraFile], plan: Sequence[Planned], matches: d
 
 
 def _departures(loras: Sequence[LoraFile], plan: Sequence[Planned], matches: dict[str, ModuleMatch], config: TransferConfig,
-                weights: Weights) -> dict[int, dict[str, float]]:
-    """Mode ``auto``'s first pass: per LoRA (index), the relative departure ``‖W_t − W_s‖ / ‖W_s‖`` of
-    every module with an update that passes the Φ filter, by source key (:func:`.auto.relative_departure`)."""
+                weights: Weights) -> tuple[dict[int, dict[str, float]], dict[int, int]]:
+    """Mode ``auto``'s first pass, per LoRA (index): the relative departure ``‖W_t − W_s‖ / ‖W_s‖`` of
+    every module with an update that passes the Φ filter, by source key (:func:`.auto.relative_departure`),
+    and the number of its modules with an update and a paired target weight (passing or not)."""
     source, target = weights
     out: dict[int, dict[str, float]] = {i: {} for i in range(len(loras))}
+    paired = dict.fromkeys(range(len(loras)), 0)
     for p in plan:
         match = matches.get(p.source_key) if p.source_key is not None else None
-        if match is None or match.target_key is None or p.module.update is None or not match.passes(config):
+        if match is None or match.target_key is None or p.module.update is None:
+            continue
+        paired[p.lora_index] += 1
+        if not match.passes(config):
             continue
         if source is None or target is None:
             raise ProLoRAError("mode auto needs the source and target weights (project_loras(..., source=, target=))", key=p.module.name)
         out[p.lora_index][p.source_key] = auto.relative_departure(source.get(match.source_key), target.get(match.target_key))  # type: ignore[arg-type]
-    return out
+    return out, paired
 
 
 def _transfer_module(rep: ModuleReport, mod: Module, match: ModuleMatch, config: TransferConfig, lora_dtype: torch.dtype,

@@ -1,23 +1,28 @@
-"""Mode ``auto``: ``casa`` or the update copied unchanged, chosen for a whole LoRA from how far the
-target has moved from the source.
+"""Mode ``auto``: ``casa``, the update copied unchanged, or nothing, chosen for a whole LoRA from how
+related the target is and how far it has moved from the source.
 
-For every module that passes the Φ filter (as in every projecting mode) the relative departure is
+For every module that passes the Φ filter the relative departure is
 
     rel = ‖W_t − W_s‖_F / ‖W_s‖_F            (W_s, W_t: the paired source and target weights, m × n)
 
-and the LoRA's median departure decides for all of its modules:
+and one choice is made for all modules of the LoRA:
 
-* median ``rel ≤`` :data:`AUTO_MAX_DEPARTURE` (0.13): ``casa`` (:mod:`.casa`) on every module: the
-  target is the source plus a moderate departure (a fine-tune, a pruned-and-distilled or a few-step
-  distilled descendant), where writing ``C_s − C_d`` puts source + LoRA behaviour back;
-* otherwise the source update unchanged on its paired target module (``copy``, kept behind the Φ
-  filter): the target has moved so far that restoring source behaviour no longer helps the LoRA.
+1. fewer than half of the LoRA's paired modules pass Φ: the target looks unrelated, **nothing** is
+   transferred (every module reported "below threshold"), as the Φ filter does for a stranger;
+2. median ``rel`` over the passing modules ``≤`` :data:`AUTO_MAX_DEPARTURE` (0.13): ``casa``
+   (:mod:`.casa`) on every passing module: the target is the source plus a moderate departure (a
+   fine-tune, a pruned-and-distilled or a few-step distilled descendant), where writing
+   ``C_s − C_d`` puts source + LoRA behaviour back;
+3. otherwise ``copy``: the source update unchanged on every paired module, Φ or not (what loading the
+   LoRA does): the target has moved so far that restoring source behaviour no longer helps.
 
 Evidence (tiny-UNet zoo, evidence/results.md "Mode `auto`"): median ``rel`` is 0.036 on the gentle
 fine-tune, 0.039 on the turbo, 0.071 on the pruned B, 0.098 on descendant A, 0.16 on the
-shared-init control and 0.20 / 0.31 on the ladder rungs; ``casa`` beats Copy on the first four and
-loses to it on the others. Choosing per module instead (casa where a module's own ``rel`` is small)
-kept only a fraction of ``casa``'s gain on descendant A, so the choice is made once per LoRA.
+shared-init control and 0.20 on the nearer ladder rung; ``casa`` beats Copy on the first four and
+loses to it on the others, where Copy (unfiltered: the few modules Φ drops there carry much of the
+style LoRA's effect) is best. The unrelated C passes 0/84 modules, the far ladder rung 21/84.
+Choosing per module instead (casa where a module's own ``rel`` is small) kept only a fraction of
+``casa``'s gain on descendant A, so the choice is made once per LoRA.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from torch import Tensor
 #: and the shared-init control, 0.16, on the zoo).
 AUTO_MAX_DEPARTURE = 0.13
 
-AutoChoice = Literal["casa", "copy"]
+AutoChoice = Literal["casa", "copy", "none"]
 
 
 def relative_departure(w_source: Tensor, w_target: Tensor) -> float:
@@ -43,15 +48,21 @@ def relative_departure(w_source: Tensor, w_target: Tensor) -> float:
     return float(d.norm()) / den if den > 0 else math.inf
 
 
-def choose(departures: list[float], max_departure: float = AUTO_MAX_DEPARTURE) -> tuple[AutoChoice, float]:
-    """The mode for a whole LoRA and its median departure (``nan`` and ``copy`` when no module passed)."""
-    if not departures:
-        return "copy", math.nan
-    med = float(statistics.median(departures))
+def choose(departures: list[float], paired: int, max_departure: float = AUTO_MAX_DEPARTURE) -> tuple[AutoChoice, float]:
+    """The choice for a whole LoRA and its median departure: ``departures`` of the modules that pass
+    Φ, ``paired`` the number of its modules with a target weight (passing or not)."""
+    med = float(statistics.median(departures)) if departures else math.nan
+    if not departures or 2 * len(departures) < paired:
+        return "none", med
     return ("casa" if med <= max_departure else "copy"), med
 
 
-def reason(choice: AutoChoice, median: float, rel: float, max_departure: float = AUTO_MAX_DEPARTURE) -> str:
-    """One line for a module's report: what ``auto`` did and why."""
+def reason(choice: AutoChoice, median: float, rel: float | None, passing: int, paired: int,
+           max_departure: float = AUTO_MAX_DEPARTURE) -> str:
+    """One line for a module's report: what ``auto`` did and why (``rel``: this module's departure,
+    ``None`` when it did not pass Φ)."""
+    if choice == "none":
+        return f"below threshold (auto: only {passing}/{paired} modules pass Φ, the target looks unrelated)"
     cmp = "≤" if choice == "casa" else ">"
-    return f"transferred (auto: {choice}; median departure {median:.3f} {cmp} {max_departure:g}, this module's {rel:.3f})"
+    own = f"this module's {rel:.3f}" if rel is not None else "this module below Φ"
+    return f"transferred (auto: {choice}; median departure {median:.3f} {cmp} {max_departure:g}, {own})"

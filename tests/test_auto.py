@@ -20,11 +20,11 @@ def departures(bases) -> dict[str, float]:
     return {k: float(np.linalg.norm(matrix(bases.wt[k]) - matrix(bases.ws[k])) / np.linalg.norm(matrix(bases.ws[k]))) for k in bases.ws}
 
 
-def run_auto(tmp_path: Path, capsys: pytest.CaptureFixture[str], bases, updates) -> tuple[dict, dict, dict[str, str]]:
+def run_auto(tmp_path: Path, capsys: pytest.CaptureFixture[str], bases, updates, threshold: str = "0") -> tuple[dict, dict, dict[str, str]]:
     lora = write_lora(tmp_path / "in" / "lora.safetensors", updates, "underscore")
     out, report_path = tmp_path / "out.safetensors", tmp_path / "report.json"
     argv = ["transfer", "--source-base", bases.source, "--target-base", bases.target, "--lora", lora, "--out", out, "--no-cache",
-            "--device", "cpu", "--mode", "auto", "--threshold", "0", "--report", report_path]
+            "--device", "cpu", "--mode", "auto", "--threshold", threshold, "--report", report_path]
     rc, _, err = run_main(argv, capsys)
     assert rc == 0, err
     report = read_report(report_path)
@@ -40,10 +40,10 @@ def test_relative_departure_and_choice_match_numpy() -> None:
     ws, wt = rng.standard_normal((12, 5, 3, 3)), rng.standard_normal((12, 5, 3, 3))
     want = np.linalg.norm(wt - ws) / np.linalg.norm(ws)
     assert relative_departure(torch.from_numpy(ws).float(), torch.from_numpy(wt).float()) == pytest.approx(want, rel=1e-6)
-    assert choose([0.05, 0.06, 0.9]) == ("casa", pytest.approx(0.06))  # the median decides, not the largest
-    assert choose([0.05, 0.5, 0.9])[0] == "copy"
-    assert choose([AUTO_MAX_DEPARTURE])[0] == "casa"
-    assert choose([])[0] == "copy"
+    assert choose([0.05, 0.06, 0.9], 3) == ("casa", pytest.approx(0.06))  # the median decides, not the largest
+    assert choose([0.05, 0.5, 0.9], 4)[0] == "copy"
+    assert choose([AUTO_MAX_DEPARTURE], 2)[0] == "casa"  # half of the paired modules pass: related
+    assert choose([0.05], 3)[0] == "none" and choose([], 0)[0] == "none"  # fewer than half pass: unrelated
 
 
 def test_auto_small_departure_is_casa_on_every_module(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -67,18 +67,36 @@ def test_auto_small_departure_is_casa_on_every_module(tmp_path: Path, capsys: py
     assert meta["prolora.casa"] == "energy=0.9,tau=0.5,rho=0.5,arbitrate_q=0.85"
 
 
-def test_auto_large_departure_copies_the_update(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bases = make_bases(tmp_path / "in", noise=0.05)
+def test_auto_large_departure_copies_the_update_phi_or_not(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # three modules moved far (rel ≈ 0.2), one unrelated (below Φ at the default threshold): all copied as they came
+    bases = make_bases(tmp_path / "in", noise=0.02, unrelated=("blocks.1.skip",))
     rel = departures(bases)
     assert np.median(list(rel.values())) > 0.13, rel
     updates = make_updates()
-    result, rows, _ = run_auto(tmp_path, capsys, bases, updates)
+    result, rows, _ = run_auto(tmp_path, capsys, bases, updates, threshold="0.8")
     for module, u in updates.items():
         name = lora_name(module, "underscore")
         got = result[name]
         assert got.rank == u.rank and rel_err(got.dense(), u.dense()) <= 1e-6, module  # the input's ΔW, unchanged
-        assert rows[name]["reason"].startswith("transferred (auto: copy; median departure"), rows[name]["reason"]
+        assert rows[name]["transferred"] and rows[name]["reason"].startswith("transferred (auto: copy; median departure"), rows[name]
         assert "> 0.13" in rows[name]["reason"]
+    skip = rows[lora_name("blocks.1.skip", "underscore")]
+    assert min(skip["similarity_u"], skip["similarity_v"]) < 0.8 and skip["reason"].endswith("this module below Φ)")
+
+
+def test_auto_unrelated_target_transfers_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bases = make_bases(tmp_path / "in", noise=0.005, unrelated=("blocks.1.skip", "blocks.1.conv", "blocks.0.ff.net"))
+    lora = write_lora(tmp_path / "in" / "lora.safetensors", make_updates(), "underscore")
+    out, report_path = tmp_path / "out.safetensors", tmp_path / "report.json"
+    rc, _, err = run_main(["transfer", "--source-base", bases.source, "--target-base", bases.target, "--lora", lora, "--out", out,
+                           "--no-cache", "--device", "cpu", "--mode", "auto", "--report", report_path], capsys)
+    assert rc != 0 and "no module could be transferred" in err and not out.exists()
+    report = read_report(report_path)
+    assert report["summary"]["transferred"] == 0
+    assert report["summary"]["loras"][str(lora)]["groups"]["below_threshold"] == 4, report["summary"]
+    passing = [m for m in report["modules"] if min(m["similarity_u"], m["similarity_v"]) >= 0.8]
+    assert len(passing) == 1  # the one related module passes Φ, but the LoRA's majority does not: nothing
+    assert all(m["reason"] == "below threshold (auto: only 1/4 modules pass Φ, the target looks unrelated)" for m in report["modules"])
 
 
 def test_auto_is_offered_by_both_transfer_nodes(nodes_by_id: dict[str, Any]) -> None:
