@@ -318,17 +318,21 @@ def train_turbo(student, teacher, steps: int, lr: float, pool: int, seed: int, n
     return losses
 
 
-def train_lora(patcher, family: str, steps: int, lr: float, name: str) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """Train a rank-4 LoRA (frozen base) on ``family`` data; returns kohya tensors and the loss curve."""
+def train_lora(patcher, family: str, steps: int, lr: float, name: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Train a rank-4 LoRA (frozen base) on ``family`` data; returns kohya tensors and the loss curve.
+
+    ``seed`` > 0 shifts the LoRA's init seed and its data/σ/noise/dropout stream (a repeat training
+    for the spread over training seeds); 0 is the shipped zoo's LoRAs."""
     model = patcher.model
     model.diffusion_model.eval()
     for p in model.diffusion_model.parameters():
         p.requires_grad_(False)
     state = unet_state(patcher)
-    factors = init_lora(state, LORA_RANK, LORA_INIT_SEED)
+    factors = init_lora(state, LORA_RANK, LORA_INIT_SEED + 1000 * seed)
+    data_seed = LORA_DATA_SEED + 1000 * seed
     params = [t for pair in factors.values() for t in pair]
     opt = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(LORA_DATA_SEED + 1)
+    gen = torch.Generator().manual_seed(data_seed + 1)
     table = D.conditioning_table()
     scale = LORA_ALPHA / LORA_RANK
     losses = []
@@ -336,7 +340,7 @@ def train_lora(patcher, family: str, steps: int, lr: float, name: str) -> tuple[
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warmup=20)
-        x0, ctx, _ = D.make_batch(family, BATCH, LORA_DATA_SEED * 100_000 + step, table)
+        x0, ctx, _ = D.make_batch(family, BATCH, data_seed * 100_000 + step, table)
         sigma = sample_training_sigmas(model, BATCH, gen)
         noise = torch.randn(x0.shape, generator=gen)
         merged = merged_params(state, lora_deltas(factors, scale))

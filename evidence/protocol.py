@@ -71,8 +71,8 @@ from .models import diffusion_loss, load_zoo_model, sample_training_sigmas, unet
 
 TARGETS = ("descendant_a_near", "descendant_a", "ladder_mid", "ladder_far", "descendant_b", "unrelated_c", "sibling_c")
 LORAS = ("style", "concept")
-METHODS = ("no LoRA", "copy", "subspace", "prolora", "prolora-full", "casa", "trained")
-ENGINE_MODES = {"copy": "copy", "subspace": "subspace", "prolora": "prolora", "prolora-full": "prolora-full", "casa": "casa"}
+METHODS = ("no LoRA", "copy", "subspace", "prolora", "prolora-full", "casa", "auto", "trained")
+ENGINE_MODES = {"copy": "copy", "subspace": "subspace", "prolora": "prolora", "prolora-full": "prolora-full", "casa": "casa", "auto": "auto"}
 #: ``--methods``: run only these (No LoRA and trained always run: they are the ends of the gap).
 ONLY: set[str] | None = None
 #: Pairing of the projection modes per target (default: name). Copy is always by name.
@@ -331,7 +331,7 @@ def main_table(zoo: Zoo, ev: Evaluator, targets: list[str], loras: list[str], n_
             if grids and out is not None:
                 s0 = ev.seeds[0]
                 g = [("source+LoRA", src_imgs[s0]), (f"{tname}", imgs_by_seed[s0]["no LoRA"])]
-                g += [(f"+{m}", imgs_by_seed[s0][m]) for m in ("copy", "subspace", "prolora", "prolora-full", NAME_PAIRED, "casa", "trained")
+                g += [(f"+{m}", imgs_by_seed[s0][m]) for m in ("copy", "subspace", "prolora", "prolora-full", NAME_PAIRED, "casa", "auto", "trained")
                       if m in imgs_by_seed[s0]]
                 save_grid(g, out / f"grid_{lora}_{tname}.png", f"{lora} LoRA: source → {tname} (KSampler euler 15, cfg 2, same seeds)")
     return rows
@@ -450,7 +450,7 @@ def goals(rows: list[dict]) -> str:
         for target in dict.fromkeys(r["target"] for r in rows if r["lora"] == lora):
             if target.startswith("descendant"):
                 need = GOAL.get(target, 0.9)
-                for mode in ("prolora", "prolora-full", "casa"):
+                for mode in ("prolora", "prolora-full", "casa", "auto"):
                     g = get(lora, target, mode)
                     if g is None:  # not run (--methods)
                         continue
@@ -472,7 +472,7 @@ def goals(rows: list[dict]) -> str:
                 base = get(lora, target, "no LoRA", "loss")
                 what = ("no goal in the issue (ladder rung); no harm: " if target.startswith("ladder")
                         else "no goal in the issue (shared init only); no harm: " if target == "sibling_c" else "")
-                for mode in ("prolora", "prolora-full", "casa"):
+                for mode in ("prolora", "prolora-full", "casa", "auto"):
                     r = next((r for r in rows if r["lora"] == lora and r["target"] == target and r["method"] == mode), None)
                     if r is None:
                         continue

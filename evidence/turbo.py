@@ -52,7 +52,7 @@ from .protocol import LORAS, Zoo, delta_stats, detector, engine_transfer, mean, 
 
 TURBO = "turbo"
 #: Engine modes tried on the turbo, in table order; ``casa`` shows up once the engine has it.
-ENGINE_MODES = ("copy", "subspace", "prolora", "prolora-full", "casa")
+ENGINE_MODES = ("copy", "subspace", "prolora", "prolora-full", "casa", "auto")
 METHODS = ("no LoRA",) + tuple(m for m in ENGINE_MODES if m in MODES)
 FULL = {}  # the protocol's full schedule: ksample's defaults (euler, normal, 15 steps, cfg 2)
 BEGIN = "<!-- evidence.turbo: begin (written by `python -m evidence.turbo`) -->"
@@ -76,14 +76,20 @@ def sample(patcher, lora: str, seed: int, n: int, table: torch.Tensor, how: dict
 
 
 def score_lora(zoo: Zoo, lora: str, seeds: list[int], n: int, methods: tuple[str, ...] = METHODS,
-               grid: Path | None = None) -> list[dict]:
-    """One row per method: scores per seed and the turbo gap closed (definitions in the module doc)."""
+               grid: Path | None = None, tensors: dict[str, dict] | None = None) -> list[dict]:
+    """One row per method: scores per seed and the turbo gap closed (definitions in the module doc).
+    ``tensors``: kohya tensors per method computed elsewhere (a trial's variants); the other methods
+    are engine modes transferred here."""
     turbo = zoo.target(TURBO)
     src_lora = safetensors.torch.load_file(str(zoo.lora_path(lora, "source")))
-    tensors: dict[str, dict | None] = {"no LoRA": None}
+    given = tensors or {}
+    tensors = {"no LoRA": None}
     summaries: dict[str, dict] = {}
     for m in methods[1:]:
-        tensors[m], summaries[m] = engine_transfer(zoo, lora, turbo, m, pairing="name")
+        if m in given:
+            tensors[m] = given[m]
+        else:
+            tensors[m], summaries[m] = engine_transfer(zoo, lora, turbo, m, pairing="name")
     deltas = {m: deltas_from_kohya(v, turbo.state) if v else {} for m, v in tensors.items()}
     per = {m: {k: [] for k in ("det", "gain", "gap", "mse", "feat", "bg")} for m in methods}
     ref = {k: [] for k in ("src", "src_lora", "ref_gain", "src_fewstep_lora", "src_fewstep", "mse_turbo_src", "mse_fewstep_src")}

@@ -8,16 +8,20 @@ unchanged (a module made only of them needs no basis). In ``copy`` mode every mo
 as it came (:meth:`.adapters.Adapter.copied`; LoRA factors as kohya factors, scale kept). In
 ``casa`` mode (:mod:`.casa`) each module reads its source and target weights, one module at a time;
 the update is written back by :meth:`.adapters.Adapter.from_dense` with the output rank (default:
-the input LoRA's; a ``.diff`` stays dense).
+the input LoRA's; a ``.diff`` stays dense). In ``auto`` mode (:mod:`.auto`) a first pass reads the
+paired weights of every module that passes the Φ filter and picks ``casa``, ``copy`` or nothing for
+the whole LoRA; each module's report gives the choice and the numbers.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from . import auto
 from .adapters import Module, Projected, Refactored, Update, dora_magnitude
 from .casa import casa_update
 from .config import ProgressFn, TransferConfig
@@ -78,6 +82,8 @@ def project_loras(loras: Sequence[LoraFile], plan: Sequence[Planned], matches: d
     reports: list[list[ModuleReport]] = [[] for _ in loras]
     pieces: list[dict[str, list[Piece]]] = [{} for _ in loras]
     with torch_threads(config.threads):
+        departures, paired = _departures(loras, plan, matches, config, (source, target)) if config.mode == "auto" else ({}, {})
+        choices = {i: auto.choose(list(d.values()), paired[i]) for i, d in departures.items()}
         for step, p in enumerate(plan):
             if check_interrupt is not None:
                 check_interrupt()
@@ -97,12 +103,23 @@ def project_loras(loras: Sequence[LoraFile], plan: Sequence[Planned], matches: d
                 rep.basis_uncertainty = match.uncertainty
             if match.target_key is None:
                 continue
+            mode, why = config.mode, "transferred"
+            if mode == "auto" and mod.update is not None:  # one choice per LoRA (auto.py)
+                choice, median = choices[p.lora_index]
+                rel = departures[p.lora_index].get(p.source_key)  # type: ignore[arg-type]
+                why = auto.reason(choice, median, rel, len(departures[p.lora_index]), paired[p.lora_index])
+                if choice == "none":
+                    rep.reason = why
+                    continue
+                mode = choice
+                if choice == "copy":  # the update as it came on its paired module, Φ or not
+                    match = dataclasses.replace(match, basis_free=True)
             if mod.update is not None and not match.passes(config):  # Φ filters projections; 1-D parts are carried
                 rep.reason = "below threshold"
                 continue
             piece = cpu_fallback(f"the projection of {mod.name}",
-                                 lambda dev: _transfer_module(rep, mod, match, config, lora.dtype, (source, target), dev))  # noqa: B023
-            rep.transferred, rep.reason = True, "transferred" if mod.update is not None else "carried over unchanged"
+                                 lambda dev: _transfer_module(rep, mod, match, config, lora.dtype, (source, target), dev, mode))  # noqa: B023
+            rep.transferred, rep.reason = True, why if mod.update is not None else "carried over unchanged"
             rep.target_key, rep.target, rep.repaired = match.target_key, BaseIndex([match.target_key]).bare_name(match.target_key), match.repaired
             pieces[p.lora_index].setdefault(output_name(p, match), []).append(piece)
         results = []
@@ -112,16 +129,38 @@ def project_loras(loras: Sequence[LoraFile], plan: Sequence[Planned], matches: d
     return results
 
 
+def _departures(loras: Sequence[LoraFile], plan: Sequence[Planned], matches: dict[str, ModuleMatch], config: TransferConfig,
+                weights: Weights) -> tuple[dict[int, dict[str, float]], dict[int, int]]:
+    """Mode ``auto``'s first pass, per LoRA (index): the relative departure ``‖W_t − W_s‖ / ‖W_s‖`` of
+    every module with an update that passes the Φ filter, by source key (:func:`.auto.relative_departure`),
+    and the number of its modules with an update and a paired target weight (passing or not)."""
+    source, target = weights
+    out: dict[int, dict[str, float]] = {i: {} for i in range(len(loras))}
+    paired = dict.fromkeys(range(len(loras)), 0)
+    for p in plan:
+        match = matches.get(p.source_key) if p.source_key is not None else None
+        if match is None or match.target_key is None or p.module.update is None:
+            continue
+        paired[p.lora_index] += 1
+        if not match.passes(config):
+            continue
+        if source is None or target is None:
+            raise ProLoRAError("mode auto needs the source and target weights (project_loras(..., source=, target=))", key=p.module.name)
+        out[p.lora_index][p.source_key] = auto.relative_departure(source.get(match.source_key), target.get(match.target_key))  # type: ignore[arg-type]
+    return out, paired
+
+
 def _transfer_module(rep: ModuleReport, mod: Module, match: ModuleMatch, config: TransferConfig, lora_dtype: torch.dtype,
-                     weights: Weights, device: torch.device | None) -> Piece:
-    """One module's output on ``match`` (bases moved to ``device`` when given); sets the report's
-    transferred norm and energy kept."""
+                     weights: Weights, device: torch.device | None, mode: str | None = None) -> Piece:
+    """One module's output on ``match`` (bases moved to ``device`` when given) in ``mode`` (default:
+    the config's; mode ``auto`` passes its choice); sets the report's transferred norm and energy kept."""
+    mode = mode or config.mode
     keep = (lambda t: t) if config.save_dtype is None else (lambda t: t.to(config.save_dtype))
     piece = Piece(rep, tensors={s: keep(t) for s, t in mod.carried.items()})
     u = mod.update
     if u is None:
         return piece
-    copy = config.mode == "copy"
+    copy = mode == "copy"
     stored = u.copied() if copy else None
     if stored is not None:  # written back exactly as it came
         piece.tensors.update({s: keep(t) for s, t in stored.items()})
@@ -135,7 +174,7 @@ def _transfer_module(rep: ModuleReport, mod: Module, match: ModuleMatch, config:
     if device is not None and bs is not None and bt is not None:
         bs, bt = bs.to(device), bt.to(device)
     out_dtype = config.save_dtype or lora_dtype
-    out = _casa(mod, u, match, config, weights, device) if config.mode == "casa" else u.project(bs, bt, config.mode, config.out_rank)
+    out = _casa(mod, u, match, config, weights, device) if mode == "casa" else u.project(bs, bt, mode, config.out_rank)  # type: ignore[arg-type]
     piece.factors, piece.layout, piece.energy = out.factors, out.layout, out.energy
     diff, norm = out.diff, out.norm
     if out.energy_kept is not None:

@@ -11,6 +11,8 @@ bases ``U_s, V_s`` and the target bases ``U_t, V_t`` (top-k, orthonormal) the mo
                  Rank ≤ r, and exactly ``ΔW`` back when target = source.
 ``casa``         cluster-aware spectral arbitration (:mod:`.casa`): needs the source and target
                  weights themselves, not only bases, so it is not one of the maps below.
+``auto``         ``casa`` or ``copy`` for a whole LoRA, from the median relative departure
+                 ``‖W_t − W_s‖ / ‖W_s‖`` of its modules (:mod:`.auto`); not a map of bases either.
 
 No ``m × n`` matrix is formed: every step costs O((m + n)·k·r). Updates that exist only densely
 (LoHa, LoKr, full diffs) go through :func:`project_dense`, the same maps applied to ``ΔW`` itself.
@@ -26,8 +28,8 @@ from torch import Tensor
 from .basis import Basis
 from .linalg import project_left, project_left_perp, project_right, project_right_perp
 
-Mode = Literal["prolora", "prolora-full", "subspace", "copy", "casa"]
-MODES: tuple[Mode, ...] = ("prolora", "prolora-full", "subspace", "copy", "casa")
+Mode = Literal["prolora", "prolora-full", "subspace", "copy", "casa", "auto"]
+MODES: tuple[Mode, ...] = ("prolora", "prolora-full", "subspace", "copy", "casa", "auto")
 #: Modes that are maps of bases (:func:`project`, :func:`project_dense`).
 BASIS_MODES: tuple[Mode, ...] = ("prolora", "prolora-full", "subspace", "copy")
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import torch
 from safetensors.torch import save
 
+from .auto import AUTO_MAX_DEPARTURE
 from .linalg import resolve_device
 from .transfer import TransferConfig, TransferResult
 
@@ -118,7 +119,9 @@ def output_metadata(result: TransferResult, source_label: str, target_label: str
     })
     if target_family:
         meta["prolora.target_family"] = target_family
-    if config.mode == "casa":
+    if config.mode == "auto":
+        meta["prolora.auto_max_departure"] = f"{AUTO_MAX_DEPARTURE:g}"
+    if config.mode in ("casa", "auto"):
         c = config.casa
         meta["prolora.casa"] = f"energy={c.energy:g},tau={c.tau:g},rho={c.rho:g},arbitrate_q={c.arbitrate_q:g}"
     if s["energy_dropped"] is not None:

@@ -50,7 +50,7 @@ class ModuleReport:
             return "carried_over" if self.reason == "carried over unchanged" else "transferred"
         if self.source_key is None:
             return "not_mapped_text_encoder" if is_text_encoder_module(self.source) else "not_mapped"
-        if self.reason == "below threshold":
+        if self.reason.startswith("below threshold"):
             return "below_threshold"
         if self.reason.startswith("target has no weight of that name"):
             return "no_such_module"
@@ -142,7 +142,7 @@ class TransferResult:
             "similarity_hint": None if hint is None else asdict(hint),
             "modules": len(self.modules),
             "transferred": sum(m.transferred for m in self.modules),
-            "below_threshold": sum(m.reason == "below threshold" for m in self.modules),
+            "below_threshold": sum(m.reason.startswith("below threshold") for m in self.modules),
             "no_base_weight": sum(m.source_key is None for m in self.modules),
             "not_in_target": sum(m.reason.startswith("target") for m in self.modules),
             "repaired": sum(m.repaired for m in self.modules),

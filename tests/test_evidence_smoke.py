@@ -21,7 +21,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ZOO = REPO_ROOT / "zoo"
-METHODS = ("no LoRA", "copy", "subspace", "prolora", "prolora-full", "casa", "trained")
+METHODS = ("no LoRA", "copy", "subspace", "prolora", "prolora-full", "casa", "auto", "trained")
 
 pytestmark = pytest.mark.comfy
 
