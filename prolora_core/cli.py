@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +35,8 @@ from .transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, TransferConfig
 from .weights import open_weights
 
 EXIT_ERROR = 2
+#: stdout's reader went away (``… | head -1``): what a shell reports for a program SIGPIPE ended
+EXIT_BROKEN_PIPE = 141
 EXIT_NOTHING = 1
 
 
@@ -362,6 +365,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's exit flush of what is left after a
+    BrokenPipeError does not print a second traceback (Python docs, 'signal': note on SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in-process): nothing to flush
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     args = build_parser().parse_args(argv)
@@ -372,7 +385,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ProLoRAError(f"--threads must be positive, got {args.threads}")
         if getattr(args, "subspace_rank", None) is not None and args.subspace_rank <= 0:
             raise ProLoRAError(f"--subspace-rank must be positive, got {args.subspace_rank}")
-        return int(args.func(args))
+        rc = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return rc
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except ProLoRAError as e:
         _err(str(e))
         return EXIT_ERROR

@@ -420,3 +420,24 @@ def test_one_bad_lora_among_several_is_left_out_and_the_others_are_written(tmp_p
     rc, _, err = run_main(["transfer", "--source-base", bases.source, "--target-base", bases.target, "--lora", bad,
                            "--out-dir", out_dir, "--no-cache", "--device", "cpu"], capsys)
     assert rc == 2 and "truncated" in err and "left out" not in err, err  # alone, a bad LoRA is the error it always was
+
+
+def test_output_piped_into_a_reader_that_quits_is_no_traceback(tmp_path: Path) -> None:
+    """``similarity --json | head -1``: the reader closes the pipe before the output is written; the
+    command ends quietly with the shell's SIGPIPE status, not a BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from fixtures_files import REPO_ROOT
+
+    bases = make_bases(tmp_path / "in")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for argv in (["similarity", "--source-base", bases.source, "--target-base", bases.target, "--json", "--no-cache", *EXACT],
+                 ["inspect", write_lora(tmp_path / "lora.safetensors", make_updates(), "kohya")]):
+        proc = subprocess.Popen([sys.executable, "-m", "prolora_core", *map(str, argv)], cwd=REPO_ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.stdout.close()  # the reader is gone before the first byte: every write meets a closed pipe
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 141, (argv[0], err)
+        assert "Traceback" not in err and "BrokenPipeError" not in err, (argv[0], err)
