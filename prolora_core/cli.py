@@ -122,7 +122,8 @@ def _outputs(args: argparse.Namespace, paths: list[Path], inputs: list[str | Pat
         return [[out]]
     pattern = "{lora}" + args.suffix if args.suffix is not None else args.name_pattern
     if args.out_dir and not Path(args.out_dir).is_dir():
-        raise ProLoRAError("output folder does not exist", file=Path(args.out_dir))
+        raise ProLoRAError("--out-dir is a file, not a folder" if Path(args.out_dir).exists() else "output folder does not exist",
+                           file=Path(args.out_dir))
     return [[check_output_path(free_path(Path(args.out_dir) if args.out_dir else p.parent, output_stem(pattern, p, t, args.source_base, args.mode)),
                                inputs) for t in args.target_base] for p in paths]
 
@@ -299,9 +300,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     cache = BasisCache(root, BasisSettings())
+    if root.exists() and not root.is_dir():
+        raise ProLoRAError("not a cache folder", file=root)
     if args.clear:
-        if root.exists() and not root.is_dir():
-            raise ProLoRAError("not a cache folder", file=root)
         print(f"cleared {root}: removed {cache.clear()} cache files" if root.is_dir() else f"{root}: empty")
     else:
         print(f"{root}: {cache.size_bytes() / 2**20:.1f} MiB in {cache.entries()} bases (transfer keeps it under {DEFAULT_MAX_GB:g} GB unless "

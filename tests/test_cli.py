@@ -398,8 +398,9 @@ def test_cache_clear_removes_only_cache_files(tmp_path: Path, capsys: pytest.Cap
     assert rc == 0 and "cache files" in stdout, err
     assert not list((root / "bases").rglob("*.safetensors")) and not list((root / "files").glob("*.json"))
     assert all(p.read_text() == "not a cache file" for p in mine), "files that are not the cache's own stay"
-    rc, _, err = run_main(["cache", "--cache-dir", bases.source, "--clear"], capsys)
-    assert rc == 2 and "not a cache folder" in err, err
+    for clear in (["--clear"], []):  # showing a file as an empty cache would hide the typo
+        rc, _, err = run_main(["cache", "--cache-dir", bases.source, *clear], capsys)
+        assert rc == 2 and "not a cache folder" in err and str(bases.source) in err, err
 
 
 def test_one_bad_lora_among_several_is_left_out_and_the_others_are_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
