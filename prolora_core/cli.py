@@ -72,7 +72,10 @@ def _lora_paths(items: Sequence[str]) -> list[Path]:
             paths += found
         else:
             paths.append(p)
-    return paths
+    unique = list({p.resolve(): p for p in reversed(paths)}.values())[::-1]  # first mention of each file, in order
+    if len(unique) < len(paths):
+        _warn(f"{len(paths) - len(unique)} LoRA file(s) named twice by --lora (a file and its folder, or one path twice): each is transferred once")
+    return unique
 
 
 SAVE_DTYPES: dict[str, torch.dtype | None] = {"keep": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

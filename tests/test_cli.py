@@ -195,6 +195,17 @@ def test_several_loras_match_separate_runs(tmp_path: Path, capsys: pytest.Captur
         for stem in ("a", "b"):
             assert (d / f"{stem}__to_target.safetensors").read_bytes() == separate[stem].read_bytes(), f"{d.name}/{stem}"
 
+    # a LoRA named twice (its folder and itself, or one path twice) is transferred once, with a warning
+    d3 = tmp_path / "d3"
+    d3.mkdir()
+    rc, _, err = run_main([*common, "--lora", folder, "--lora", b, "--lora", tmp_path / "loras" / ".." / "loras" / "a.safetensors",
+                           "--out-dir", d3], capsys)
+    assert rc == 0, err
+    assert "2 LoRA file(s) named twice" in err, err
+    assert sorted(p.name for p in d3.iterdir()) == ["a__to_target.safetensors", "b__to_target.safetensors"]
+    for stem in ("a", "b"):
+        assert (d3 / f"{stem}__to_target.safetensors").read_bytes() == separate[stem].read_bytes(), stem
+
 
 RENUMBERED = {f"blocks.{i}.attn.to_q": (24, 40) for i in range(3)}
 
