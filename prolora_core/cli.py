@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ from .transfer import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, TransferConfig
 from .weights import open_weights
 
 EXIT_ERROR = 2
+#: stdout's reader went away (``… | head -1``): what a shell reports for a program SIGPIPE ended
+EXIT_BROKEN_PIPE = 141
 EXIT_NOTHING = 1
 
 
@@ -85,7 +88,10 @@ def _lora_paths(items: Sequence[str], folders: Sequence[str] = ()) -> list[Path]
             paths += found
         else:
             paths.append(p)
-    return paths
+    unique = list({p.resolve(): p for p in reversed(paths)}.values())[::-1]  # first mention of each file, in order
+    if len(unique) < len(paths):
+        _warn(f"{len(paths) - len(unique)} LoRA file(s) named twice by --lora (a file and its folder, or one path twice): each is transferred once")
+    return unique
 
 
 SAVE_DTYPES: dict[str, torch.dtype | None] = {"keep": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -135,7 +141,8 @@ def _outputs(args: argparse.Namespace, paths: list[Path], inputs: list[str | Pat
         return [[out]]
     pattern = "{lora}" + args.suffix if args.suffix is not None else args.name_pattern
     if args.out_dir and not Path(args.out_dir).is_dir():
-        raise ProLoRAError("output folder does not exist", file=Path(args.out_dir))
+        raise ProLoRAError("--out-dir is a file, not a folder" if Path(args.out_dir).exists() else "output folder does not exist",
+                           file=Path(args.out_dir))
     return [[check_output_path(free_path(Path(args.out_dir) if args.out_dir else p.parent, output_stem(pattern, p, t, args.source_base, args.mode)),
                                inputs) for t in args.target_base] for p in paths]
 
@@ -312,9 +319,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     cache = BasisCache(root, BasisSettings())
+    if root.exists() and not root.is_dir():
+        raise ProLoRAError("not a cache folder", file=root)
     if args.clear:
-        if root.exists() and not root.is_dir():
-            raise ProLoRAError("not a cache folder", file=root)
         print(f"cleared {root}: removed {cache.clear()} cache files" if root.is_dir() else f"{root}: empty")
     else:
         print(f"{root}: {cache.size_bytes() / 2**20:.1f} MiB in {cache.entries()} bases (transfer keeps it under {DEFAULT_MAX_GB:g} GB unless "
@@ -380,6 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's exit flush of what is left after a
+    BrokenPipeError does not print a second traceback (Python docs, 'signal': note on SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in-process): nothing to flush
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     args = build_parser().parse_args(argv)
@@ -390,7 +407,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ProLoRAError(f"--threads must be positive, got {args.threads}")
         if getattr(args, "subspace_rank", None) is not None and args.subspace_rank <= 0:
             raise ProLoRAError(f"--subspace-rank must be positive, got {args.subspace_rank}")
-        return int(args.func(args))
+        rc = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return rc
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except ProLoRAError as e:
         _err(str(e))
         return EXIT_ERROR

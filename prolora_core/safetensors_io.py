@@ -143,7 +143,7 @@ def check_output_path(out: str | Path, inputs: list[str | Path] = ()) -> Path:  
     p = Path(out)
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
-        raise ProLoRAError("output folder does not exist", file=p)
+        raise ProLoRAError(f"output folder {parent.name} is a file" if parent.exists() else "output folder does not exist", file=p)
     if not os.access(parent, os.W_OK):
         raise ProLoRAError("output folder is not writable", file=p)
     if p.is_dir():

@@ -343,6 +343,16 @@ def _missing_out_dir(ctx: Ctx) -> tuple[list[str | Path], Expect]:
     return _out_dir_case(ctx, [ctx.lora], missing), Expect(missing, None, "output folder does not exist")
 
 
+def _a_file(ctx: Ctx) -> Path:
+    (ctx.out_dir / "plain").write_text("a file where a folder is meant")
+    return ctx.out_dir / "plain"
+
+
+def _out_dir_is_a_file(ctx: Ctx) -> tuple[list[str | Path], Expect]:
+    plain = _a_file(ctx)
+    return _out_dir_case(ctx, [ctx.lora], plain), Expect(plain, None, "--out-dir is a file, not a folder")
+
+
 def _same_output_name(ctx: Ctx) -> tuple[list[str | Path], Expect]:
     twin = write_lora(ctx.inp / "twin" / "lora.safetensors", make_updates(seed=2))
     return _out_dir_case(ctx, [ctx.lora, twin], ctx.out_dir), Expect(twin, None, "two LoRAs would be written to the same output")
@@ -409,11 +419,13 @@ CASES: list[tuple[str, Build]] = [
     ("threshold-nan", _args(("--threshold", "nan"), r"--threshold must lie in \[0, 1\], got nan")),
     ("out-rank-0", _args(("--out-rank", "0"), "output rank must be positive")),
     ("out-in-missing-folder", _out_case(lambda c: c.root / "missing" / "x.safetensors", "output folder does not exist")),
+    ("out-in-a-file", _out_case(lambda c: _a_file(c) / "x.safetensors", "output folder plain is a file")),
     ("out-equals-lora", _out_case(lambda c: c.lora, "output path is one of the input files")),
     ("out-equals-source-base", _out_case(lambda c: c.bases.source, "output path is one of the input files")),
     ("out-is-a-folder", _out_case(_out_is_folder, "output path is a folder")),
     ("several-loras-without-out-dir", _several_without_out_dir),
     ("out-dir-missing", _missing_out_dir),
+    ("out-dir-is-a-file", _out_dir_is_a_file),
     ("two-loras-same-output-name", _same_output_name),
     ("report-overwrites-output", _report_is_out),
     ("strict-module-without-base-weight", _strict),

@@ -195,6 +195,17 @@ def test_several_loras_match_separate_runs(tmp_path: Path, capsys: pytest.Captur
         for stem in ("a", "b"):
             assert (d / f"{stem}__to_target.safetensors").read_bytes() == separate[stem].read_bytes(), f"{d.name}/{stem}"
 
+    # a LoRA named twice (its folder and itself, or one path twice) is transferred once, with a warning
+    d3 = tmp_path / "d3"
+    d3.mkdir()
+    rc, _, err = run_main([*common, "--lora", folder, "--lora", b, "--lora", tmp_path / "loras" / ".." / "loras" / "a.safetensors",
+                           "--out-dir", d3], capsys)
+    assert rc == 0, err
+    assert "2 LoRA file(s) named twice" in err, err
+    assert sorted(p.name for p in d3.iterdir()) == ["a__to_target.safetensors", "b__to_target.safetensors"]
+    for stem in ("a", "b"):
+        assert (d3 / f"{stem}__to_target.safetensors").read_bytes() == separate[stem].read_bytes(), stem
+
 
 RENUMBERED = {f"blocks.{i}.attn.to_q": (24, 40) for i in range(3)}
 
@@ -398,8 +409,9 @@ def test_cache_clear_removes_only_cache_files(tmp_path: Path, capsys: pytest.Cap
     assert rc == 0 and "cache files" in stdout, err
     assert not list((root / "bases").rglob("*.safetensors")) and not list((root / "files").glob("*.json"))
     assert all(p.read_text() == "not a cache file" for p in mine), "files that are not the cache's own stay"
-    rc, _, err = run_main(["cache", "--cache-dir", bases.source, "--clear"], capsys)
-    assert rc == 2 and "not a cache folder" in err, err
+    for clear in (["--clear"], []):  # showing a file as an empty cache would hide the typo
+        rc, _, err = run_main(["cache", "--cache-dir", bases.source, *clear], capsys)
+        assert rc == 2 and "not a cache folder" in err and str(bases.source) in err, err
 
 
 def test_one_bad_lora_among_several_is_left_out_and_the_others_are_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -420,3 +432,24 @@ def test_one_bad_lora_among_several_is_left_out_and_the_others_are_written(tmp_p
     rc, _, err = run_main(["transfer", "--source-base", bases.source, "--target-base", bases.target, "--lora", bad,
                            "--out-dir", out_dir, "--no-cache", "--device", "cpu"], capsys)
     assert rc == 2 and "truncated" in err and "left out" not in err, err  # alone, a bad LoRA is the error it always was
+
+
+def test_output_piped_into_a_reader_that_quits_is_no_traceback(tmp_path: Path) -> None:
+    """``similarity --json | head -1``: the reader closes the pipe before the output is written; the
+    command ends quietly with the shell's SIGPIPE status, not a BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from fixtures_files import REPO_ROOT
+
+    bases = make_bases(tmp_path / "in")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for argv in (["similarity", "--source-base", bases.source, "--target-base", bases.target, "--json", "--no-cache", *EXACT],
+                 ["inspect", write_lora(tmp_path / "lora.safetensors", make_updates(), "kohya")]):
+        proc = subprocess.Popen([sys.executable, "-m", "prolora_core", *map(str, argv)], cwd=REPO_ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.stdout.close()  # the reader is gone before the first byte: every write meets a closed pipe
+        err = proc.stderr.read()
+        assert proc.wait(timeout=120) == 141, (argv[0], err)
+        assert "Traceback" not in err and "BrokenPipeError" not in err, (argv[0], err)

@@ -304,3 +304,29 @@ def test_sdxl_text_encoders_map_as_comfyuis_checkpoint_loader_loads_them(comfyui
     assert len(small_map) >= 6 and set(small_map) <= set(comfy_map)
     for name, key in small_map.items():
         torch.testing.assert_close(weights.get(key), loaded[comfy_map[name]], rtol=0, atol=0, msg=name)
+
+
+def test_cli_default_bases_give_an_sd15_lora_back_when_the_target_is_the_source(comfyui: Any, tmp_path: Path,
+                                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``prolora-full`` with the default (auto, float32, cached) bases and target = source must change
+    the model as the input does under ComfyUI's loader, every Φ ≤ 1. SD1.5's square ``time_embed.2``
+    (128 × 128 in the tiny model, k = 32) once got a non-orthonormal randomized V: Φ_V ≈ 11 and a
+    LoRA 159× too strong."""
+    unet = comfy_host.tiny_sd15_model(0)
+    base = tmp_path / "sd15.safetensors"
+    comfy_host.save_model_state(unet, base)
+    mods = ["time_embed.0", "time_embed.2", "input_blocks.1.0.emb_layers.1"]
+    lora = comfy_host.kohya_lora(unet, mods, rank=2, seed=4)
+    lora_path, out, report = tmp_path / "style.safetensors", tmp_path / "out.safetensors", tmp_path / "report.json"
+    save_file(lora, str(lora_path))
+    rc, _, err = run_main(["transfer", "--source-base", base, "--target-base", base, "--lora", lora_path, "--out", out,
+                           "--report", report, "--cache-dir", tmp_path / "cache", "--device", "cpu"], capsys)
+    assert rc == 0, err
+    rows = read_report(report)["modules"]
+    assert len(rows) == 3 and all(r["transferred"] for r in rows), rows
+    for r in rows:
+        assert r["similarity_u"] <= 1 + 1e-4 and r["similarity_v"] <= 1 + 1e-4, r
+    want = comfy_host.applied_by_comfyui(unet, lora)
+    got = comfy_host.applied_by_comfyui(unet, load_file(str(out)))
+    before = comfy_host.unet_weights(unet, patched=False)
+    comfy_host.assert_same_change(before, want, got, rel=1e-3)

@@ -202,3 +202,33 @@ def test_projection_on_cuda_matches_cpu() -> None:
     cpu = project(lora, compute_basis(ws, 16, FAST32), compute_basis(wt, 16, FAST32), "prolora")
     gpu = project(lora, compute_basis(ws, 16, FAST32, "cuda"), compute_basis(wt, 16, FAST32, "cuda"), "prolora")
     assert _rel(gpu.dense().cpu().double().numpy(), cpu.dense().double().numpy()) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_randomized_basis_stays_orthonormal_when_its_krylov_space_would_fill_the_matrix(dtype: torch.dtype) -> None:
+    """A square 128 × 128 weight at the default k = 32 (SD1.5's time_embed.2 in the tiny host model):
+    l = k + 16 = 48 and the restarted space holds 3l = 144 ≥ 128 vectors. Randomized bases came back
+    with V far from orthonormal (Φ_V ≈ 11 between a base and itself, a 159× LoRA norm); they must be
+    orthonormal and give the exact top-k subspace."""
+    w = torch.from_numpy(np.random.default_rng(7).standard_normal((128, 128))).to(dtype)
+    k = 32
+    Ue, Ve = top_bases(w.double().numpy(), k)
+    for method in ("auto", "randomized"):
+        b = compute_basis(w, k, BasisSettings(method=method, compute_dtype=dtype))
+        eye = torch.eye(k, dtype=torch.float64)
+        assert torch.allclose(b.U.double().T @ b.U.double(), eye, atol=1e-5), method
+        assert torch.allclose(b.V.double().T @ b.V.double(), eye, atol=1e-5), method
+        assert phi(Ue, b.U.double().numpy()) == pytest.approx(1.0, abs=1e-4), method
+        assert phi(Ve, b.V.double().numpy()) == pytest.approx(1.0, abs=1e-4), method
+        assert subspace_similarity(b.V, b.V) == pytest.approx(1.0, abs=1e-4), method
+
+
+def test_randomized_basis_stays_orthonormal_over_many_steps() -> None:
+    """A flat (Gaussian) spectrum makes the block Krylov iteration take many steps; U and V
+    must stay orthonormal to float32 rounding, not drift (6e-4 off at 266 × 256, k = 64, before the second projection)."""
+    w = torch.from_numpy(np.random.default_rng(8).standard_normal((266, 256))).float()
+    b = compute_basis(w, 64, FAST32)
+    assert b.method == "randomized"
+    eye = torch.eye(64, dtype=torch.float64)
+    assert (b.U.double().T @ b.U.double() - eye).abs().max() < 1e-4
+    assert (b.V.double().T @ b.V.double() - eye).abs().max() < 1e-4
