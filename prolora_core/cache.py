@@ -13,8 +13,8 @@ least recently used entries when the cache outgrows a size limit.
 Full thin SVDs (mode ``casa``, :mod:`.full_bases`) are a separate entry kind under
 ``<root>/full/<full key>/<aa>/<content key>.safetensors`` (``U``, ``S``, ``V`` exact, in their compute
 dtype; format ``prolora-full-basis-1``; the full key names the compute dtype and device kind). They
-share the checksum, atomic write, LRU touch and :meth:`BasisCache.evict` with the top-k bases, but
-live in another folder with another format marker and are read only by :meth:`BasisCache.load_full`,
+share the checksum, atomic write and LRU touch with the top-k bases and are evicted before them
+(:meth:`BasisCache.evict`), but live in another folder with another format marker and are read only by :meth:`BasisCache.load_full`,
 so neither kind is ever served for the other.
 """
 from __future__ import annotations
@@ -195,20 +195,22 @@ class BasisCache:
             log.warning("prolora: cannot write to the basis cache (%s); this run continues without storing bases", e)
 
     def evict(self, max_bytes: int) -> int:
-        """Remove the least recently used bases (all settings, top-k and full alike) until they take at
-        most ``max_bytes``; returns how many were removed. An entry another process removes first is
-        skipped."""
+        """Remove bases until they take at most ``max_bytes``: full SVDs first (mode ``casa``; ``d / k`` times
+        the bytes of a top-k basis of the same weight), then top-k bases (all settings), least
+        recently used first within each kind; returns how many were removed. An entry another process
+        removes first is skipped."""
         entries = []
-        for p in [*(self.root / "bases").rglob("*.safetensors"), *(self.root / "full").rglob("*.safetensors")]:
-            try:
-                st = p.stat()
-            except FileNotFoundError:
-                continue
-            entries.append((max(st.st_mtime_ns, st.st_atime_ns), st.st_size, p))
+        for kind, folder in ((0, self.root / "full"), (1, self.root / "bases")):
+            for p in folder.rglob("*.safetensors"):
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue
+                entries.append((kind, max(st.st_mtime_ns, st.st_atime_ns), st.st_size, p))
         entries.sort()
-        size = sum(e[1] for e in entries)
+        size = sum(e[2] for e in entries)
         removed = 0
-        for _, nbytes, p in entries:
+        for _, _, nbytes, p in entries:
             if size <= max_bytes:
                 break
             p.unlink(missing_ok=True)

@@ -236,7 +236,7 @@ def transfer_files(
     # group of LoRAs and every target: k·(m + n) float32 numbers per touched weight.
     bases = MemoryBases(cache)
     # Mode casa / auto: the source's full SVDs, kept for every group and target within a memory budget.
-    full = FullBases(bases) if config.mode in ("casa", "auto") else None
+    full = FullBases(bases, disk_max_bytes=cache_max_bytes) if config.mode in ("casa", "auto") else None
     runs = [TargetRun(t, [], RunStats(), []) for t in targets]
     loras: list[LoraFile] = []
     lines: list[str] = []
