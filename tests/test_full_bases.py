@@ -2,8 +2,9 @@
 from the basis cache (their own entry kind) and from memory within a byte budget. Through the CLI on
 real safetensors files, in modes ``casa`` and ``auto``: cold, warm and uncached runs give bitwise the
 same output, which also matches the independent dense float64 CASA reference (tests/test_casa.py),
-and the report counts what was computed. The cache entries and the memory budget are checked on
-their own with real weights."""
+and the report counts what was computed. The Project LoRA node in the real ComfyUI host
+reads them from the cache too. The cache entries and the memory budget are checked on their own
+with real weights."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -178,3 +179,33 @@ def test_disk_writes_stay_within_the_cache_limit(tmp_path: Path) -> None:
     for k in keys:
         full.get(src, k, torch.device("cpu"))
     assert cache.full_entries() == 1
+
+
+def test_project_lora_node_reads_full_svds_from_the_cache(nodes_by_id: dict, comfyui: object, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import comfy_host
+
+    monkeypatch.setenv("PROLORA_CACHE_DIR", str(tmp_path / "cache"))
+    modules = ["input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.1.proj_in", "middle_block.1.transformer_blocks.0.ff.net.2"]
+    src = comfy_host.tiny_sd15_model(0)
+    tgt = comfy_host.perturbed_copy(src, 0.05, 5)
+    lora = comfy_host.kohya_lora(src, modules, rank=4, alpha=2.0, seed=1)
+    run = lambda node_id, **kw: tuple(nodes_by_id[node_id].execute(**kw).args)  # noqa: E731
+
+    def project(use_cache: bool) -> dict[str, torch.Tensor]:
+        (bs,) = run("ProLoRAComputeBasis", model=src, clip=None, subspace_rank=0, device="cpu", use_cache=use_cache)
+        (bt,) = run("ProLoRAComputeBasis", model=tgt, clip=None, subspace_rank=0, device="cpu", use_cache=use_cache)
+        match, _ = run("ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=lora, threshold=0.0, pairing="name")
+        out, report = run("ProLoRAProjectLoRA", lora=lora, match=match, mode="casa", out_rank=0, rescale_to_source_norm=False)
+        assert f"{len(modules)}/{len(modules)} modules transferred" in report
+        return {k: v.clone() for k, v in out.items()}
+
+    cold = project(True)
+    full = sorted((tmp_path / "cache" / "full").rglob("*.safetensors"))
+    assert len(full) == len(modules)
+    inodes = [p.stat().st_ino for p in full]
+    warm = project(True)
+    # served, not recomputed: a computed SVD is stored again (temp file renamed over the entry: a new inode)
+    assert [p.stat().st_ino for p in full] == inodes
+    fresh = project(False)
+    assert set(cold) == set(warm) == set(fresh) and all(torch.equal(cold[k], warm[k]) and torch.equal(cold[k], fresh[k]) for k in cold)
