@@ -8,8 +8,10 @@ from typing import Any, NamedTuple
 
 import comfy.lora_convert
 
+from ..prolora_core.cache import DEFAULT_MAX_GB
 from ..prolora_core.candidates import suggest_candidates
 from ..prolora_core.errors import ProLoRAError
+from ..prolora_core.full_bases import FullBases
 from ..prolora_core.linalg import matrix_shape, resolve_device
 from ..prolora_core.lora import LoraFile, parse_state_dict
 from ..prolora_core.modulation import modulation_line
@@ -255,6 +257,8 @@ def project_lora_model(lora_in: dict, match: MatchHandle, config: TransferConfig
     tensors: dict = {}
     save_names: dict[str, str] = {}
     results: list[TransferResult] = []
+    # mode casa / auto: the source's full SVDs from the basis cache (at most its default size limit written per run)
+    full = FullBases(match.source.cache(), disk_max_bytes=int(DEFAULT_MAX_GB * 2**30))
     for part, plan in plans.items():
         keys = [p.source_key for p in plan if p.source_key]
         match = match.extended(part, keys, set(keys) - {p.source_key for p in plan if p.module.update is not None})
@@ -269,7 +273,7 @@ def project_lora_model(lora_in: dict, match: MatchHandle, config: TransferConfig
             return native
 
         (res,) = project_loras([lora], plan, match.matches[part], config, check_interrupt, name,
-                               source=match.source.parts[part], target=match.target.parts.get(part))
+                               source=match.source.parts[part], target=match.target.parts.get(part), full_bases=full)
         tensors.update(res.tensors)
         results.append(res)
     meta = output_metadata(_merged(lora, tensors, results), match.source.label, match.target.label, config, match.target.family)

@@ -6,7 +6,8 @@ form; LoHa and LoKr as their dense ``ΔW``, re-factored into a LoRA; a 2-D/4-D `
 written back as a ``.diff``. A DoRA magnitude follows the ratio rule; 1-D parts are carried over
 unchanged (a module made only of them needs no basis). In ``copy`` mode every module is written back
 as it came (:meth:`.adapters.Adapter.copied`; LoRA factors as kohya factors, scale kept). In
-``casa`` mode (:mod:`.casa`) each module reads its source and target weights, one module at a time;
+``casa`` mode (:mod:`.casa`) each module reads its source and target weights, one module at a time,
+and the source weight's full SVD from :class:`.full_bases.FullBases` (memory, basis cache, or computed);
 the update is written back by :meth:`.adapters.Adapter.from_dense` with the output rank (default:
 the input LoRA's; a ``.diff`` stays dense). In ``auto`` mode (:mod:`.auto`) a first pass reads the
 paired weights of every module that passes the Φ filter and picks ``casa``, ``copy`` or nothing for
@@ -26,7 +27,8 @@ from .adapters import Module, Projected, Refactored, Update, dora_magnitude
 from .casa import casa_update
 from .config import ProgressFn, TransferConfig
 from .errors import ProLoRAError
-from .linalg import cpu_fallback, resolve_device, torch_threads
+from .full_bases import FullBases
+from .linalg import cpu_fallback, linalg_device, resolve_device, torch_threads
 from .lora import LoraFile, module_tensors
 from .match import ModuleMatch
 from .names import BaseIndex, name_style
@@ -70,14 +72,18 @@ Weights = tuple[WeightSource | None, WeightSource | None]
 def project_loras(loras: Sequence[LoraFile], plan: Sequence[Planned], matches: dict[str, ModuleMatch], config: TransferConfig,
                   check_interrupt: Callable[[], None] | None = None, output_name: NameFn = default_output_name,
                   source: WeightSource | None = None, target: WeightSource | None = None,
-                  progress: ProgressFn | None = None) -> list[TransferResult]:
+                  progress: ProgressFn | None = None, full_bases: FullBases | None = None) -> list[TransferResult]:
     """Project every planned LoRA module with its match; modules that do not pass are reported.
 
     ``output_name`` names each output module (default: as in the input). Plain LoRA updates that
     land on the same output module are summed. ``source`` and ``target`` are needed by DoRA
     modules only (the ratio rule reads both weights). A CUDA out-of-memory error in one module
     redoes that module on the CPU, with a warning. ``progress(i, len(plan), what)`` is called
-    before each planned module."""
+    before each planned module. ``full_bases`` serves the source's full SVDs in modes ``casa`` and
+    ``auto`` (:class:`.full_bases.FullBases`; default: a fresh one with no disk cache, so each weight's
+    SVD is computed once per call)."""
+    if full_bases is None and config.mode in ("casa", "auto"):
+        full_bases = FullBases()
     source, target = (None if w is None else with_slices(w) for w in (source, target))  # DoRA on a slice reads the slice
     reports: list[list[ModuleReport]] = [[] for _ in loras]
     pieces: list[dict[str, list[Piece]]] = [{} for _ in loras]
@@ -118,7 +124,7 @@ def project_loras(loras: Sequence[LoraFile], plan: Sequence[Planned], matches: d
                 rep.reason = "below threshold"
                 continue
             piece = cpu_fallback(f"the projection of {mod.name}",
-                                 lambda dev: _transfer_module(rep, mod, match, config, lora.dtype, (source, target), dev, mode))  # noqa: B023
+                                 lambda dev: _transfer_module(rep, mod, match, config, lora.dtype, (source, target), dev, mode, full_bases))  # noqa: B023
             rep.transferred, rep.reason = True, why if mod.update is not None else "carried over unchanged"
             rep.target_key, rep.target, rep.repaired = match.target_key, BaseIndex([match.target_key]).bare_name(match.target_key), match.repaired
             pieces[p.lora_index].setdefault(output_name(p, match), []).append(piece)
@@ -151,7 +157,7 @@ def _departures(loras: Sequence[LoraFile], plan: Sequence[Planned], matches: dic
 
 
 def _transfer_module(rep: ModuleReport, mod: Module, match: ModuleMatch, config: TransferConfig, lora_dtype: torch.dtype,
-                     weights: Weights, device: torch.device | None, mode: str | None = None) -> Piece:
+                     weights: Weights, device: torch.device | None, mode: str | None = None, full_bases: FullBases | None = None) -> Piece:
     """One module's output on ``match`` (bases moved to ``device`` when given) in ``mode`` (default:
     the config's; mode ``auto`` passes its choice); sets the report's transferred norm and energy kept."""
     mode = mode or config.mode
@@ -174,7 +180,7 @@ def _transfer_module(rep: ModuleReport, mod: Module, match: ModuleMatch, config:
     if device is not None and bs is not None and bt is not None:
         bs, bt = bs.to(device), bt.to(device)
     out_dtype = config.save_dtype or lora_dtype
-    out = _casa(mod, u, match, config, weights, device) if mode == "casa" else u.project(bs, bt, mode, config.out_rank)  # type: ignore[arg-type]
+    out = _casa(mod, u, match, config, weights, device, full_bases) if mode == "casa" else u.project(bs, bt, mode, config.out_rank)  # type: ignore[arg-type]
     piece.factors, piece.layout, piece.energy = out.factors, out.layout, out.energy
     diff, norm = out.diff, out.norm
     if out.energy_kept is not None:
@@ -193,14 +199,18 @@ def _transfer_module(rep: ModuleReport, mod: Module, match: ModuleMatch, config:
     return piece
 
 
-def _casa(mod: Module, u: Update, match: ModuleMatch, config: TransferConfig, weights: Weights, device: torch.device | None) -> Projected:
-    """Mode ``casa`` for one module, written back in the update's own output form."""
+def _casa(mod: Module, u: Update, match: ModuleMatch, config: TransferConfig, weights: Weights, device: torch.device | None,
+          full_bases: FullBases | None = None) -> Projected:
+    """Mode ``casa`` for one module, written back in the update's own output form; the source's full
+    SVD from ``full_bases`` when given (else computed by :func:`.casa.casa_update`)."""
     source, target = weights
     if source is None or target is None:
         raise ProLoRAError("mode casa needs the source and target weights (project_loras(..., source=, target=))", key=mod.name)
     wt = target.get(match.target_key)  # type: ignore[arg-type]
     rank = config.out_rank or u.default_rank
-    res = casa_update(u.dense(), source.get(match.source_key), wt, rank, config.casa, device or resolve_device(config.device))  # type: ignore[arg-type]
+    dev = linalg_device(device or resolve_device(config.device))
+    svd = full_bases.get(source, match.source_key, dev) if full_bases is not None else None  # type: ignore[arg-type]
+    res = casa_update(u.dense(), source.get(match.source_key), wt, rank, config.casa, dev, svd)  # type: ignore[arg-type]
     total = float(res.delta.double().square().sum())
     return u.from_dense(res.delta, tuple(wt.shape), rank, total, Refactored(res.factors, res.energy_kept))
 

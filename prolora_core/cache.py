@@ -9,6 +9,13 @@ deleted and recomputed. Writes go to a temporary file that is then renamed into 
 never see a partial entry and two processes may fill the cache at once (the last rename wins, and
 both entries are equal). A hit touches the entry's mtime, so :meth:`BasisCache.evict` can drop the
 least recently used entries when the cache outgrows a size limit.
+
+Full thin SVDs (mode ``casa``, :mod:`.full_bases`) are a separate entry kind under
+``<root>/full/<full key>/<aa>/<content key>.safetensors`` (``U``, ``S``, ``V`` exact, in their compute
+dtype; format ``prolora-full-basis-1``; the full key names the compute dtype and device kind). They
+share the checksum, atomic write and LRU touch with the top-k bases and are evicted before them
+(:meth:`BasisCache.evict`), but live in another folder with another format marker and are read only by :meth:`BasisCache.load_full`,
+so neither kind is ever served for the other.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from .safetensors_io import atomic_save
 
 log = logging.getLogger("prolora")
 ENTRY_FORMAT = "prolora-basis-1"
+FULL_ENTRY_FORMAT = "prolora-full-basis-1"
 #: Default size limit of the cache (GB = 2**30 bytes): the bases of about four SDXL-size model pairs.
 DEFAULT_MAX_GB = 4.0
 
@@ -76,6 +84,54 @@ class BasisCache:
 
     def _path(self, content_key: str) -> Path:
         return self.folder / content_key[:2] / f"{content_key}.safetensors"
+
+    def _full_path(self, content_key: str, full_key: str) -> Path:
+        return self.root / "full" / full_key / content_key[:2] / f"{content_key}.safetensors"
+
+    def load_full(self, content_key: str, full_key: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The cached full thin SVD ``(U, S, V)`` of an ``m × n`` weight (``U`` ``m × d``, ``S`` ``d``, ``V``
+        ``n × d``, ``d = min(m, n)``, exactly as stored) under ``full_key`` (:func:`.full_bases.full_key`),
+        or ``None``; a corrupt or stale entry is removed (counted in ``stats.rebuilt``)."""
+        path = self._full_path(content_key, full_key)
+        if not path.exists():
+            return None
+        m, n = shape
+        d = min(m, n)
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                U, S, V = f.get_tensor("U"), f.get_tensor("S"), f.get_tensor("V")
+            ok = (meta.get("format") == FULL_ENTRY_FORMAT and meta.get("full_key") == full_key and meta.get("content_key") == content_key
+                  and tuple(U.shape) == (m, d) and tuple(S.shape) == (d,) and tuple(V.shape) == (n, d)
+                  and U.dtype == S.dtype == V.dtype and meta.get("checksum") == _checksum(U, S, V))
+        except Exception as e:  # any unreadable entry is treated as corrupt
+            ok = False
+            log.warning("prolora: full basis cache entry %s is unreadable (%s); recomputing", path, e)
+        if not ok:
+            self.stats.rebuilt += 1
+            path.unlink(missing_ok=True)
+            return None
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+        return U, S, V
+
+    def store_full(self, content_key: str, full_key: str, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
+        """Publish a full thin SVD atomically, exact (best effort, as :meth:`store`)."""
+        if self._write_failed:
+            return
+        path = self._full_path(content_key, full_key)
+        U, S, V = (t.detach().to("cpu").contiguous() for t in (U, S, V))
+        meta = {"format": FULL_ENTRY_FORMAT, "full_key": full_key, "content_key": content_key, "checksum": _checksum(U, S, V)}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save({"U": U, "S": S, "V": V}, path, meta)
+        except OSError as e:
+            self._write_failed = True
+            log.warning("prolora: cannot write to the basis cache (%s); this run continues without storing bases", e)
 
     def load(self, content_key: str, k: int, shape: tuple[int, ...]) -> Basis | None:
         """The cached basis truncated to ``k``, or ``None`` (a bad entry is removed)."""
@@ -139,20 +195,22 @@ class BasisCache:
             log.warning("prolora: cannot write to the basis cache (%s); this run continues without storing bases", e)
 
     def evict(self, max_bytes: int) -> int:
-        """Remove the least recently used bases (all settings) until they take at most
-        ``max_bytes``; returns how many were removed. An entry another process removes first is
-        skipped."""
+        """Remove bases until they take at most ``max_bytes``: full SVDs first (mode ``casa``; ``d / k`` times
+        the bytes of a top-k basis of the same weight), then top-k bases (all settings), least
+        recently used first within each kind; returns how many were removed. An entry another process
+        removes first is skipped."""
         entries = []
-        for p in (self.root / "bases").rglob("*.safetensors"):
-            try:
-                st = p.stat()
-            except FileNotFoundError:
-                continue
-            entries.append((max(st.st_mtime_ns, st.st_atime_ns), st.st_size, p))
+        for kind, folder in ((0, self.root / "full"), (1, self.root / "bases")):
+            for p in folder.rglob("*.safetensors"):
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue
+                entries.append((kind, max(st.st_mtime_ns, st.st_atime_ns), st.st_size, p))
         entries.sort()
-        size = sum(e[1] for e in entries)
+        size = sum(e[2] for e in entries)
         removed = 0
-        for _, nbytes, p in entries:
+        for _, _, nbytes, p in entries:
             if size <= max_bytes:
                 break
             p.unlink(missing_ok=True)
@@ -173,6 +231,10 @@ class BasisCache:
         """How many bases the cache holds (all settings)."""
         return sum(1 for _ in (self.root / "bases").rglob("*.safetensors"))
 
+    def full_entries(self) -> int:
+        """How many full thin SVDs (mode ``casa``) the cache holds."""
+        return sum(1 for _ in (self.root / "full").rglob("*.safetensors"))
+
     def limit(self, max_gb: float) -> int:
         """:meth:`evict` to ``max_gb`` GB (2**30 bytes); ``max_gb`` must not be negative."""
         if max_gb < 0:
@@ -184,18 +246,21 @@ class BasisCache:
         size = self.size_bytes()
         shown = f"{size / 2**30:.2f} GB" if size >= 2**30 else f"{size / 2**20:.1f} MB"
         limit = "" if max_gb is None else f" (limit {max_gb:g} GB)"
-        return f"basis cache: {shown} in {self.entries()} bases{limit} at {self.root}"
+        full = self.full_entries()
+        more = f" and {full} full bases" if full else ""
+        return f"basis cache: {shown} in {self.entries()} bases{more}{limit} at {self.root}"
 
     def clear(self) -> int:
-        """Remove the cache's own files only — base entries (``bases/**/*.safetensors``, with their
-        temp files) and file-key memos (``files/*.json``) — and the folders they leave empty; any
+        """Remove the cache's own files only — base entries (``bases/**/*.safetensors`` and
+        ``full/**/*.safetensors``, with their temp files) and file-key memos (``files/*.json``) — and the folders they leave empty; any
         other file under ``root`` stays. Returns how many files were removed."""
         removed = 0
-        for pattern, folder in (("*.safetensors", self.root / "bases"), ("*.tmp", self.root / "bases"), ("*.json", self.memo_dir)):
+        for pattern, folder in (("*.safetensors", self.root / "bases"), ("*.tmp", self.root / "bases"), ("*.safetensors", self.root / "full"),
+                                ("*.tmp", self.root / "full"), ("*.json", self.memo_dir)):
             for p in folder.rglob(pattern) if folder.is_dir() else ():
                 p.unlink(missing_ok=True)
                 removed += 1
-        for folder in (self.root / "bases", self.memo_dir):
+        for folder in (self.root / "bases", self.root / "full", self.memo_dir):
             if folder.is_dir():
                 for d in sorted((d for d in folder.rglob("*") if d.is_dir()), key=lambda d: len(d.parts), reverse=True) + [folder]:
                     try:

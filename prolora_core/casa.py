@@ -50,6 +50,9 @@ threshold, and ``ΔW_t = ΔW`` before re-compression.
 
 Computed on ``device`` (default: CUDA when present), in float64 on the CPU for weights up to 4 M
 entries and float32 otherwise. Memory: a few ``m × n`` and ``d × d`` matrices for one module.
+The source's thin SVD (:func:`source_svd`) is the costly step (SDXL's touched weights: minutes on
+two cores); :class:`.full_bases.FullBases` computes it once per weight, keeps it in the basis cache
+(its own entry kind) and in memory within a byte budget, and passes it in as ``svd``.
 """
 from __future__ import annotations
 
@@ -108,14 +111,31 @@ def compute_dtype(m: int, n: int, device: torch.device) -> torch.dtype:
     return torch.float64 if device.type == "cpu" and m * n <= CPU_FLOAT64_MAX else torch.float32
 
 
+def source_svd(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD ``w = U diag(S) Vᵀ`` of an ``m × n`` matrix in its own dtype and device: ``U``
+    ``m × d``, ``S`` ``d`` (descending), ``V`` ``n × d``, ``d = min(m, n)``, ``U`` and ``V`` contiguous
+    (so a cached copy multiplies bitwise like a fresh one)."""
+    m, n = w.shape
+    if m < n:  # LAPACK is several times slower on wide matrices (3072 × 12288: 8.3 s vs 2.8 s, 16 threads)
+        P, S, Qh = torch.linalg.svd(w.T, full_matrices=False)
+        U, V = Qh.T, P
+    else:
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        V = Vh.T
+    return U.contiguous(), S.contiguous(), V.contiguous()
+
+
 def casa_update(delta: Tensor, w_source: Tensor, w_target: Tensor, rank: int | None, settings: CasaSettings = CasaSettings(),
-                device: torch.device | str | None = None) -> CasaResult:
+                device: torch.device | str | None = None, svd: tuple[Tensor, Tensor, Tensor] | None = None) -> CasaResult:
     """CASA for one module (see the module docstring): ``delta`` is the LoRA's dense ``ΔW``
     (``m × n``, strength and ``alpha / rank`` included), ``w_source`` / ``w_target`` the base weights
     (any float dtype; conv weights are flattened). Returns ``ΔW_t`` and its rank-``rank`` factors
     (``rank=None``: :func:`.adapters.refactor`'s rule, the fewest directions keeping 99.9 %, ≤ 64).
+    ``svd``: ``W_s``'s thin SVD ``(U, S, V)`` in the compute dtype (:func:`compute_dtype`), as
+    :func:`source_svd` gives it (e.g. from :class:`.full_bases.FullBases`, the basis cache); the
+    result is then bitwise that of computing it here. ``None``: computed here.
 
-    Raises :class:`ProLoRAError` when the shapes disagree or ``rank`` is not positive."""
+    Raises :class:`ProLoRAError` when the shapes disagree, ``svd`` does not fit or ``rank`` is not positive."""
     if rank is not None and rank <= 0:
         raise ProLoRAError(f"output rank must be positive, got {rank}")
     dev = linalg_device(resolve_device(device))
@@ -128,12 +148,14 @@ def casa_update(delta: Tensor, w_source: Tensor, w_target: Tensor, rank: int | N
     D = D0.to(dev, dt)
     Ws = as_matrix(w_source.detach()).to(dev, dt)
     dep = as_matrix(w_target.detach()).to(dev, dt) - Ws  # W_t − W_s
-    if m < n:  # LAPACK is several times slower on wide matrices (3072 × 12288: 8.3 s vs 2.8 s, 16 threads)
-        P, S, Qh = torch.linalg.svd(Ws.T, full_matrices=False)
-        U, V = Qh.T, P
+    d = min(m, n)
+    if svd is None:
+        U, S, V = source_svd(Ws)
     else:
-        U, S, Vh = torch.linalg.svd(Ws, full_matrices=False)
-        V = Vh.T
+        U, S, V = (t.to(dev) for t in svd)
+        if tuple(U.shape) != (m, d) or tuple(S.shape) != (d,) or tuple(V.shape) != (n, d) or not U.dtype == S.dtype == V.dtype == dt:
+            raise ProLoRAError(f"CASA's precomputed source SVD must be U {m} × {d}, S {d}, V {n} × {d} in {dt}; got "
+                               f"{tuple(U.shape)}, {tuple(S.shape)}, {tuple(V.shape)} in {U.dtype}")
     Cs, Cd = U.T @ D @ V, U.T @ dep @ V
     C, rows, cols, info = arbitrate(Cs, Cd, S, settings)
     out = U @ C @ V.T

@@ -238,6 +238,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
                 "unused": {str(lora.path): lora.unused for lora in run.loras},
                 "transferred": sum(m.transferred for m in run.modules), "modules": len(run.modules),
                 "svd_computed": sum(s.svd_computed for s in stats), "bases_from_cache": sum(s.bases_from_cache for s in stats),
+                "full_svd_computed": sum(s.full_svd_computed for s in stats), "full_bases_from_cache": sum(s.full_bases_from_cache for s in stats),
                 "seconds": round(sum(s.seconds for s in stats), 4), "worst_subspace_change": max(s.worst_subspace_change for s in stats),
                 "quantized_bases": run.quantized, "save_dtype": args.save_dtype,
                 "deterministic": settings.deterministic, "threads": config.threads, "outputs": [str(o) for row in outs for o in row],

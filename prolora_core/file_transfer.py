@@ -20,10 +20,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
 from .basis import Basis
 from .cache import BasisCache
 from .config import ProgressFn, TransferConfig
 from .errors import ProLoRAError
+from .full_bases import FullBases
 from .lora import LoraFile, read_lora
 from .names import BaseIndex
 from .plan import Planned
@@ -123,6 +126,14 @@ class MemoryBases:
         self._bases[(content_key, tuple(basis.shape))] = basis
         if self.disk is not None:
             self.disk.store(content_key, basis)
+
+    def load_full(self, content_key: str, full_key: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor] | None:
+        """A full SVD from the disk cache (kept in memory by :class:`.full_bases.FullBases`, within its budget)."""
+        return self.disk.load_full(content_key, full_key, shape) if self.disk is not None else None
+
+    def store_full(self, content_key: str, full_key: str, U: Tensor, S: Tensor, V: Tensor) -> None:
+        if self.disk is not None:
+            self.disk.store_full(content_key, full_key, U, S, V)
 
 
 def _first(items: Sequence[str], listed_in: str, limit: int = 5) -> str:
@@ -224,6 +235,8 @@ def transfer_files(
     # The bases of this run stay in memory (read from the disk cache, or computed, once) for every
     # group of LoRAs and every target: k·(m + n) float32 numbers per touched weight.
     bases = MemoryBases(cache)
+    # Mode casa / auto: the source's full SVDs, kept for every group and target within a memory budget.
+    full = FullBases(bases, disk_max_bytes=cache_max_bytes) if config.mode in ("casa", "auto") else None
     runs = [TargetRun(t, [], RunStats(), []) for t in targets]
     loras: list[LoraFile] = []
     lines: list[str] = []
@@ -271,14 +284,18 @@ def transfer_files(
             check_shapes_can_match(sliced, with_slices(t), keys, config.pairing, f"the LoRA's {n_modules} modules" if len(placed) == 1
                                    else f"the {n_modules} modules of the {len(placed)} LoRAs", describe, absent_ok=found is None)
         for ti, (target, run) in enumerate(zip(targets, runs)):
-            results, stats = transfer(placed, plan, source, target, config, bases, progress, check_interrupt)  # type: ignore[arg-type]
+            results, stats = transfer(placed, plan, source, target, config, bases, progress, check_interrupt, full)  # type: ignore[arg-type]
             target.save_memo()
             run.stats.svd_computed += stats.svd_computed
             run.stats.bases_from_cache += stats.bases_from_cache
+            run.stats.full_svd_computed += stats.full_svd_computed
+            run.stats.full_bases_from_cache += stats.full_bases_from_cache
             run.stats.seconds += stats.seconds
             run.stats.worst_subspace_change = max(run.stats.worst_subspace_change, stats.worst_subspace_change)
             said(f"ProLoRA {config.mode}, pairing {config.pairing}: {source.label} → {target.label}; bases computed {stats.svd_computed}, "
-                 f"from cache {stats.bases_from_cache}; CPU threads {config.threads}")
+                 f"from cache {stats.bases_from_cache}"
+                 + (f"; full source SVDs computed {stats.full_svd_computed}, from cache {stats.full_bases_from_cache}" if full is not None else "")
+                 + f"; CPU threads {config.threads}")
             target_model = family(target) if found is not None else None
             kind = target_model.kind if target_model is not None else None  # names the target in the base-model metadata fields
             for li, result in enumerate(results):

@@ -197,5 +197,7 @@ def format_summary(name: str, summary: dict, threshold: float, text_encoder_reas
 class RunStats:
     svd_computed: int = 0
     bases_from_cache: int = 0
+    full_svd_computed: int = 0  # full thin SVDs of source weights (mode casa)
+    full_bases_from_cache: int = 0  # … read from the basis cache or this run's memory instead
     seconds: float = 0.0
     worst_subspace_change: float = 0.0

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 from .assemble import NameFn, Piece, default_output_name, project_loras
 from .cache import BasisCache
 from .candidates import suggest_candidates
+from .full_bases import FullBases
 from .config import DEFAULT_MODE, DEFAULT_THRESHOLD, PAIRINGS, Pairing, ProgressFn, TransferConfig
 from .linalg import resolve_device, torch_threads
 from .lora import LoraFile
@@ -37,12 +38,15 @@ def transfer(
     cache: BasisCache | None = None,
     progress: ProgressFn | None = None,
     check_interrupt: Callable[[], None] | None = None,
+    full_bases: FullBases | None = None,
 ) -> tuple[list[TransferResult], RunStats]:
     """Check the plan, match the touched source weights, project every LoRA: one pass over the
     bases serves all LoRAs. Source weights that only carry 1-D parts get no basis. A plan may place
     modules on slices of weights (virtual keys, :mod:`.slices`). Skipped modules get their best
     candidate and, under name pairing, the similarity-pairing hint
-    (:func:`.candidates.suggest_candidates`)."""
+    (:func:`.candidates.suggest_candidates`). Modes ``casa`` and ``auto`` read the source's full SVDs
+    from ``full_bases`` (default: a :class:`.full_bases.FullBases` over ``cache``); their counts join
+    the returned stats."""
     source, target = with_slices(source), with_slices(target)
     for p in plan:
         if p.source_key is not None:
@@ -52,7 +56,13 @@ def transfer(
     pair_only = set(keys) - {p.source_key for p in plan if p.module.update is not None}
     matches, stats = match_modules(keys, source, target, config, cache, progress, check_interrupt, pair_only)
     t0 = time.perf_counter()
-    results = project_loras(loras, plan, matches, config, check_interrupt, source=source, target=target, progress=progress)
+    if full_bases is None and config.mode in ("casa", "auto"):
+        full_bases = FullBases(cache)
+    before = (full_bases.stats.full_svd_computed, full_bases.stats.full_bases_from_cache) if full_bases is not None else (0, 0)
+    results = project_loras(loras, plan, matches, config, check_interrupt, source=source, target=target, progress=progress, full_bases=full_bases)
+    if full_bases is not None:
+        stats.full_svd_computed += full_bases.stats.full_svd_computed - before[0]
+        stats.full_bases_from_cache += full_bases.stats.full_bases_from_cache - before[1]
     provider = BasisProvider(config.basis, resolve_device(config.device), cache)
     with torch_threads(config.threads):
         suggest_candidates(results, matches, source, target, config, provider)
