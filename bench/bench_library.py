@@ -187,9 +187,11 @@ def run_cli(args: list[str], work: Path, name: str, threads: int) -> dict:
     return res
 
 
-def cli_args(data: Path, cache: Path, threads: int, loras: list[str], out_dir: Path, report: Path | None = None) -> list[str]:
+def cli_args(data: Path, cache: Path, threads: int, loras: list[str], out_dir: Path, report: Path | None = None,
+             mode: str = "prolora-full") -> list[str]:
     args = ["transfer", "--source-base", str(data / "source.safetensors"), "--target-base", str(data / "target.safetensors"),
-            "--out-dir", str(out_dir), "--cache-dir", str(cache), "--key-map", "names", "--threads", str(threads), "--device", "cpu"]
+            "--out-dir", str(out_dir), "--cache-dir", str(cache), "--key-map", "names", "--threads", str(threads), "--device", "cpu",
+            "--mode", mode]
     for item in loras:
         args += item.split(" ", 1) if item.startswith("--") else ["--lora", item]
     return args + (["--report", str(report)] if report is not None else [])
@@ -205,6 +207,8 @@ def main() -> None:
     ap.add_argument("--separate", type=int, default=None, help="how many of the separate processes (b) to run, the rest extrapolated (default 3)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads of the CLI (default 2: the goal's 2 cores)")
     ap.add_argument("--data-dir", default=os.environ.get("PROLORA_BENCH_DIR", "/tmp/prolora-bench"))
+    ap.add_argument("--mode", default="prolora-full", help="projection mode of every run (default prolora-full; the engine's default "
+                    "auto picks casa on close targets, whose full SVDs dominate the time)")
     ap.add_argument("--keep", action="store_true", help="keep the outputs and the cache (default: removed after the run)")
     opts = ap.parse_args()
     opts.loras = opts.loras or (8 if opts.scale == "ci" else 24)
@@ -217,9 +221,9 @@ def main() -> None:
         d.mkdir(parents=True)
 
     t = time.perf_counter()
-    fill = run_cli(cli_args(data, cache, opts.threads, [str(data / "lora_a.safetensors")], work), work, "fill", opts.threads)
+    fill = run_cli(cli_args(data, cache, opts.threads, [str(data / "lora_a.safetensors")], work, mode=opts.mode), work, "fill", opts.threads)
     log(f"cache filled in {time.perf_counter() - t:.1f} s (untimed)")
-    one = run_cli(cli_args(data, cache, opts.threads, [f"--lora-dir {paths[0].parent}"], out_a, work / "report_one.json"), work, "one", opts.threads)
+    one = run_cli(cli_args(data, cache, opts.threads, [f"--lora-dir {paths[0].parent}"], out_a, work / "report_one.json", mode=opts.mode), work, "one", opts.threads)
     report = json.loads((work / "report_one.json").read_text())["summary"]
     if report["svd_computed"] != 0:
         raise SystemExit(f"the library run computed {report['svd_computed']} SVDs: the cache was not warm")
@@ -228,7 +232,7 @@ def main() -> None:
     shutil.rmtree(out_a, ignore_errors=True)  # disk: the outputs are as large as the library
     sep = []
     for i, p in enumerate(paths[:separate]):
-        sep.append(run_cli(cli_args(data, cache, opts.threads, [str(p)], out_b), work, f"separate_{i}", opts.threads))
+        sep.append(run_cli(cli_args(data, cache, opts.threads, [str(p)], out_b, mode=opts.mode), work, f"separate_{i}", opts.threads))
         log(f"(b) separate process {i + 1}/{separate}: {sep[-1]['wall']:.1f} s")
     shutil.rmtree(out_b, ignore_errors=True)
 

@@ -111,10 +111,10 @@ class ProjectLoRA(io.ComfyNode):
                 LoraModelType.Input("lora", tooltip="The source LoRA (from Load LoRA (ProLoRA) or any LORA_MODEL)."),
                 Match.Input("match", tooltip="From Match Modules."),
                 io.Combo.Input("mode", options=list(MODES), default=DEFAULT_MODE, tooltip="prolora-full: all four subspace/null-space terms (rank r, "
-                               "exact when target = source; default). prolora: the paper's Eq. 3 (rank ≤ 2r). subspace: null space dropped. copy: unchanged. "
+                               "exact when target = source; the fast choice). prolora: the paper's Eq. 3 (rank ≤ 2r). subspace: null space dropped. copy: unchanged. "
                                "casa: cluster-aware spectral arbitration on the full source SVD and the target's departure (slow; rank = input's or out_rank). "
                                "auto: casa when the LoRA's modules moved little (median ‖W_t − W_s‖/‖W_s‖ ≤ 0.13: fine-tunes, pruned or turbo "
-                               "descendants), else copy (each module's reason says which)."),
+                               "descendants), else copy; nothing when fewer than half of the modules pass Φ (default; each module's reason says which)."),
                 io.Int.Input("out_rank", default=0, min=0, max=1024, tooltip="Re-compress each module to this rank (0 = keep). Reports the energy dropped."),
                 io.Boolean.Input("rescale_to_source_norm", default=False, tooltip="Scale each transferred module back to its source norm."),
             ],

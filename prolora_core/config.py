@@ -18,7 +18,7 @@ from .projection import MODES, Mode
 Pairing = Literal["name", "similarity"]
 PAIRINGS: tuple[Pairing, ...] = ("name", "similarity")
 #: Defaults (see README, "Choosing the defaults").
-DEFAULT_MODE: Mode = "prolora-full"
+DEFAULT_MODE: Mode = "auto"
 DEFAULT_THRESHOLD = 0.8
 
 
