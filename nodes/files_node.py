@@ -100,9 +100,9 @@ class TransferLoRAFiles(io.ComfyNode):
         run = transfer_files(resolve_model_file(source_model), [resolve_model_file(t) for t in targets], paths, config,
                              lambda li, ti: free_path(paths[li].parent, stems[li][ti]), detect=detect_model, need_detect=True, cache=cache,
                              progress=progress(1), check_interrupt=check_interrupt, warn=warnings.append,
-                             listed_in="the CLI's --report JSON",
+                             listed_in="the CLI's --report JSON", cache_max_bytes=int(max(cache_max_gb, 0.0) * 2**30),
                              on_saved=lambda out: f"  saved as {lora_list_name(out)}")
-        evicted = cache.limit(cache_max_gb)
+        evicted = run.evicted
         lines = run.lines + [f"warning: {w}" for w in warnings]
         lines.append(cache.describe(cache_max_gb) + (f"; removed the {evicted} least recently used" if evicted else ""))
         saved = [lora_list_name(p) for p in run.written]

@@ -42,7 +42,7 @@ class Runner:
         self.n += 1
         out, report = self.tmp / f"out{self.n}.safetensors", self.tmp / f"report{self.n}.json"
         where = ["--cache-dir", str(self.cache)] if cache else ["--no-cache"]
-        rc, _, err = run_main(["transfer", "--source-base", self.bases.source, "--target-base", self.bases.target, "--lora", self.loras[seed],
+        rc, _, err = run_main(["transfer", "--mode", "prolora-full", "--source-base", self.bases.source, "--target-base", self.bases.target, "--lora", self.loras[seed],
                                "--out", out, "--report", report, *where, *extra], self.capsys)
         assert rc == 0, err
         assert "Traceback" not in err
@@ -76,7 +76,7 @@ def test_second_lora_on_the_same_bases_computes_no_svd(runner: Runner) -> None:
 def test_warm_cache_through_a_real_subprocess(runner: Runner) -> None:
     runner.run(1)
     out, report = runner.tmp / "sub.safetensors", runner.tmp / "sub.json"
-    proc = run_cli(["transfer", "--source-base", runner.bases.source, "--target-base", runner.bases.target, "--lora", runner.loras[2],
+    proc = run_cli(["transfer", "--mode", "prolora-full", "--source-base", runner.bases.source, "--target-base", runner.bases.target, "--lora", runner.loras[2],
                     "--out", out, "--report", report], cache_dir=runner.cache)  # the cache folder comes from $PROLORA_CACHE_DIR
     assert proc.returncode == 0, proc.stderr
     summary = read_report(report)["summary"]

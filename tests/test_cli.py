@@ -41,7 +41,7 @@ INPUT_FORMATS = ["kohya", "underscore", "native", "peft"]
 
 
 def transfer_argv(bases: Bases, lora: Path, out: Path, *extra: str | Path) -> list[str | Path]:
-    return ["transfer", "--source-base", bases.source, "--target-base", bases.target, "--lora", lora, "--out", out,
+    return ["transfer", "--mode", "prolora-full", "--source-base", bases.source, "--target-base", bases.target, "--lora", lora, "--out", out,
             "--no-cache", "--device", "cpu", *EXACT, *extra]
 
 
@@ -185,7 +185,7 @@ def test_several_loras_match_separate_runs(tmp_path: Path, capsys: pytest.Captur
     d1, d2 = tmp_path / "d1", tmp_path / "d2"
     d1.mkdir()
     d2.mkdir()
-    common = ["transfer", "--source-base", bases.source, "--target-base", bases.target, "--no-cache", *EXACT]
+    common = ["transfer", "--mode", "prolora-full", "--source-base", bases.source, "--target-base", bases.target, "--no-cache", *EXACT]
     proc = run_cli([*common, "--lora", a, "--lora", b, "--out-dir", d1])
     assert proc.returncode == 0, proc.stderr
     rc, _, err = run_main([*common, "--lora", folder, "--out-dir", d2], capsys)
@@ -421,7 +421,7 @@ def test_one_bad_lora_among_several_is_left_out_and_the_others_are_written(tmp_p
     bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) * 2 // 3])  # truncated
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    argv = ["transfer", "--source-base", bases.source, "--target-base", bases.target, "--lora", good, "--lora", bad,
+    argv = ["transfer", "--mode", "prolora-full", "--source-base", bases.source, "--target-base", bases.target, "--lora", good, "--lora", bad,
             "--out-dir", out_dir, "--no-cache", "--device", "cpu"]
     rc, _, err = run_main(argv, capsys)
     assert rc == 2, err
@@ -429,7 +429,7 @@ def test_one_bad_lora_among_several_is_left_out_and_the_others_are_written(tmp_p
     written = sorted(p.name for p in out_dir.iterdir())
     assert written == [f"good__to_{Path(bases.target).stem}.safetensors"], written
     assert read_output(out_dir / written[0]), "the good LoRA's output is a LoRA"
-    rc, _, err = run_main(["transfer", "--source-base", bases.source, "--target-base", bases.target, "--lora", bad,
+    rc, _, err = run_main(["transfer", "--mode", "prolora-full", "--source-base", bases.source, "--target-base", bases.target, "--lora", bad,
                            "--out-dir", out_dir, "--no-cache", "--device", "cpu"], capsys)
     assert rc == 2 and "truncated" in err and "left out" not in err, err  # alone, a bad LoRA is the error it always was
 

@@ -182,7 +182,7 @@ def transfer(tmp: Path, source: Path, target: Path, lora: dict[str, Tensor], cap
              name: str = "lora") -> tuple[dict[str, Tensor], dict]:
     lora_path, out, report = tmp / f"{name}.safetensors", tmp / f"{name}_out.safetensors", tmp / f"{name}_report.json"
     save_file(lora, str(lora_path))
-    rc, _, err = run_main(["transfer", "--source-base", source, "--target-base", target, "--lora", lora_path, "--out", out,
+    rc, _, err = run_main(["transfer", "--mode", "prolora-full", "--source-base", source, "--target-base", target, "--lora", lora_path, "--out", out,
                            "--report", report, "--no-cache", "--device", "cpu", *extra], capsys)
     assert rc == 0, err
     assert "warning" not in err, err
@@ -482,7 +482,7 @@ def _big_bases(tmp: Path) -> tuple[Path, Path, dict[str, Tensor]]:
 
 def test_deterministic_flag_gives_the_same_bytes_on_1_and_2_threads(tmp_path: Path) -> None:
     src, tgt, _ = _big_bases(tmp_path)
-    common = ["transfer", "--source-base", src, "--target-base", tgt, "--lora", tmp_path / "lora.safetensors", "--no-cache",
+    common = ["transfer", "--mode", "prolora-full", "--source-base", src, "--target-base", tgt, "--lora", tmp_path / "lora.safetensors", "--no-cache",
               "--device", "cpu", "--threshold", "0", "--deterministic"]
     one, two = tmp_path / "t1.safetensors", tmp_path / "t2.safetensors"
     _wait(_cli([*common, "--out", one], threads=1), _cli([*common, "--out", two], threads=2))
@@ -501,7 +501,7 @@ def test_two_processes_share_one_cache(tmp_path: Path) -> None:
 
     src, tgt, ws = _big_bases(tmp_path)
     cache = tmp_path / "cache"
-    common = ["transfer", "--source-base", src, "--target-base", tgt, "--lora", tmp_path / "lora.safetensors", "--device", "cpu",
+    common = ["transfer", "--mode", "prolora-full", "--source-base", src, "--target-base", tgt, "--lora", tmp_path / "lora.safetensors", "--device", "cpu",
               "--threshold", "0", "--mode", "prolora-full", "--basis-method", "exact"]
     outs = [tmp_path / f"p{i}.safetensors" for i in range(2)]
     _wait(*[_cli([*common, "--out", out], cache=cache) for out in outs])
@@ -531,7 +531,7 @@ def test_cache_max_mb_evicts_the_least_recently_used_bases(tmp_path: Path, capsy
     loha = make_format("loha", ws)  # on Q and CONV
     save_file(loha, str(tmp_path / "both.safetensors"))
     save_file({k: v for k, v in loha.items() if k.startswith(Q)}, str(tmp_path / "q.safetensors"))
-    base = ["transfer", "--source-base", source, "--target-base", target, "--cache-dir", cache, "--device", "cpu"]
+    base = ["transfer", "--mode", "prolora-full", "--source-base", source, "--target-base", target, "--cache-dir", cache, "--device", "cpu"]
     rc, _, err = run_main([*base, "--lora", tmp_path / "both.safetensors", "--out", tmp_path / "a.safetensors"], capsys)
     assert rc == 0, err
     entries = {p: _shape_of(p) for p in (cache / "bases").rglob("*.safetensors")}

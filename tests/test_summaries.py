@@ -68,7 +68,7 @@ def test_cli_summary_adds_up_and_the_hint_is_what_similarity_pairing_places(tmp_
     runs = {}
     for pairing in ("name", "similarity"):
         report = tmp_path / f"{pairing}.json"
-        rc, out, err = run_main(["transfer", "--source-base", source, "--target-base", target, "--lora", lora, "--pairing", pairing,
+        rc, out, err = run_main(["transfer", "--mode", "prolora-full", "--source-base", source, "--target-base", target, "--lora", lora, "--pairing", pairing,
                                  "--report", report, *EXACT], capsys)
         assert rc == 0, err
         runs[pairing] = (out, err, read_report(report))
@@ -107,7 +107,7 @@ def test_cli_summary_adds_up_and_the_hint_is_what_similarity_pairing_places(tmp_
     assert groups["below threshold (Φ < 0.8)"] == 2
     # No note where it does not apply: a LoRA without text-encoder modules never mentions them.
     plain = renumbered_lora(tmp_path / "loras" / "plain.safetensors", text_encoder=False)
-    rc, out, err = run_main(["transfer", "--source-base", source, "--target-base", target, "--lora", plain, *EXACT], capsys)
+    rc, out, err = run_main(["transfer", "--mode", "prolora-full", "--source-base", source, "--target-base", target, "--lora", plain, *EXACT], capsys)
     assert rc == 0 and "text-encoder" not in out + err and sum(group_lines(out)[1].values()) == 9
 
 
@@ -138,7 +138,7 @@ def test_similarity_candidates_stay_in_one_model_part_and_kind(tmp_path: Path, c
     save_file(tensors, str(tmp_path / "tgt.safetensors"))
     lora = write_lora(tmp_path / "lora.safetensors", make_updates(seed=2, modules={"blocks.0.attn.to_q": (24, 40)}), "underscore")
     report = tmp_path / "r.json"
-    rc, out, err = run_main(["transfer", "--source-base", src, "--target-base", tmp_path / "tgt.safetensors", "--lora", lora, "--pairing", "similarity",
+    rc, out, err = run_main(["transfer", "--mode", "prolora-full", "--source-base", src, "--target-base", tmp_path / "tgt.safetensors", "--lora", lora, "--pairing", "similarity",
                              "--report", report, "--out", tmp_path / "o.safetensors", *EXACT], capsys)
     assert rc == 1 and group_lines(out) == (1, {"below threshold (Φ < 0.8)": 1}), err + out  # nothing transferable
     (row,) = read_report(report)["modules"]
@@ -148,7 +148,7 @@ def test_similarity_candidates_stay_in_one_model_part_and_kind(tmp_path: Path, c
 def test_cli_writes_next_to_the_input_named_after_the_target_and_never_overwrites(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source, target = renumbered_pair(tmp_path)
     lora = renumbered_lora(tmp_path / "loras" / "sdxl" / "ink.safetensors", text_encoder=False)
-    argv = ["transfer", "--source-base", source, "--target-base", target, "--lora", lora, *EXACT]
+    argv = ["transfer", "--mode", "prolora-full", "--source-base", source, "--target-base", target, "--lora", lora, *EXACT]
     first = tmp_path / "loras" / "sdxl" / "ink__to_pruned.safetensors"
     rc, _, err = run_main(argv, capsys)
     assert rc == 0 and first.is_file() and f"wrote {first}" in err, err
@@ -173,12 +173,12 @@ def test_threads_default_and_option(tmp_path: Path, capsys: pytest.CaptureFixtur
     lora = renumbered_lora(tmp_path / "ink.safetensors", text_encoder=False)
     for extra, want in (([], default_threads()), (["--threads", "2"], 2), (["--deterministic", "--threads", "3"], 1)):
         report = tmp_path / "r.json"
-        rc, _, err = run_main(["transfer", "--source-base", source, "--target-base", target, "--lora", lora, "--report", report,
+        rc, _, err = run_main(["transfer", "--mode", "prolora-full", "--source-base", source, "--target-base", target, "--lora", lora, "--report", report,
                                "--out", tmp_path / "o.safetensors", *EXACT, *extra], capsys)
         assert rc == 0, err
         assert read_report(report)["summary"]["threads"] == want
     assert torch.get_num_threads() == int(os.environ.get("PROLORA_TEST_THREADS", "1")), "the thread count is restored after a run"
-    rc, _, err = run_main(["transfer", "--source-base", source, "--target-base", target, "--lora", lora, "--threads", "0", *EXACT], capsys)
+    rc, _, err = run_main(["transfer", "--mode", "prolora-full", "--source-base", source, "--target-base", target, "--lora", lora, "--threads", "0", *EXACT], capsys)
     assert rc == 2 and "--threads must be positive" in err
 
 
