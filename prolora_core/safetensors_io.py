@@ -9,6 +9,7 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -156,13 +157,15 @@ def check_output_path(out: str | Path, inputs: list[str | Path] = ()) -> Path:  
     return p
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file in the same folder, then rename it over ``path``: never half-written."""
+def atomic_write(path: str | Path, data: bytes | Sequence[bytes | memoryview]) -> None:
+    """Write ``data`` (bytes, or parts written one after the other) to a temporary file in the same
+    folder, then rename it over ``path``: never half-written."""
     p = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for part in ((data,) if isinstance(data, bytes) else data):
+                fh.write(part)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved LoRA gets the usual permissions
         os.replace(tmp, p)
     except BaseException:
@@ -178,7 +181,7 @@ def _umask() -> int:
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Save a safetensors file atomically (see :func:`atomic_write`), byte-identical for equal inputs."""
-    atomic_write(path, canonical_safetensors_bytes(tensors, metadata))
+    atomic_write(path, canonical_safetensors_parts(tensors, metadata))
 
 
 def canonical_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -187,8 +190,14 @@ def canonical_safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict
     ``safetensors`` itself writes ``__metadata__`` in hash-map order, which changes from one
     process to the next; the tensor data (and its order) is kept exactly as it serialises it.
     """
+    return b"".join(canonical_safetensors_parts(tensors, metadata))
+
+
+def canonical_safetensors_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> tuple[bytes, memoryview]:
+    """:func:`canonical_safetensors_bytes` as (length + sorted header, a view of the tensor data):
+    written one after the other they are that file, without copying the data again."""
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     (n,) = struct.unpack("<Q", data[:8])
     header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     header += b" " * (-len(header) % 8)  # the format pads the header with spaces to 8-byte alignment
-    return struct.pack("<Q", len(header)) + header + data[8 + n :]
+    return struct.pack("<Q", len(header)) + header, memoryview(data)[8 + n :]
