@@ -123,15 +123,9 @@ class BasisCache:
         """Publish a full thin SVD atomically, exact (best effort, as :meth:`store`)."""
         if self._write_failed:
             return
-        path = self._full_path(content_key, full_key)
         U, S, V = (t.detach().to("cpu").contiguous() for t in (U, S, V))
         meta = {"format": FULL_ENTRY_FORMAT, "full_key": full_key, "content_key": content_key, "checksum": _checksum(U, S, V)}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_save({"U": U, "S": S, "V": V}, path, meta)
-        except OSError as e:
-            self._write_failed = True
-            log.warning("prolora: cannot write to the basis cache (%s); this run continues without storing bases", e)
+        self._publish(self._full_path(content_key, full_key), U, S, V, meta)
 
     def load(self, content_key: str, k: int, shape: tuple[int, ...]) -> Basis | None:
         """The cached basis truncated to ``k``, or ``None`` (a bad entry is removed)."""
@@ -187,6 +181,11 @@ class BasisCache:
                 "uncertainty": basis.uncertainty}
         meta = {"format": ENTRY_FORMAT, "settings": self.settings.key(), "content_key": content_key,
                 "checksum": _checksum(U, S, V), "info": json.dumps(info, sort_keys=True)}
+        self._publish(path, U, S, V, meta)
+
+    def _publish(self, path: Path, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, meta: dict[str, str]) -> None:
+        """Write one entry atomically; the first failure (read-only folder, full disk) turns storing
+        off for the rest of the run with one warning."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_save({"U": U, "S": S, "V": V}, path, meta)

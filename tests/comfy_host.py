@@ -265,3 +265,26 @@ def lora_delta(lora: dict[str, torch.Tensor], name: str, kohya_scale: float) -> 
     else:
         down, up, scale = lora[f"{name}.lora_down.weight"], lora[f"{name}.lora_up.weight"], kohya_scale
     return scale * (up.double().numpy() @ down.double().numpy())
+
+
+def node_basis(nodes_by_id: dict[str, Any], model: Any, cache: bool = False) -> Any:
+    """Compute Basis (ProLoRA) on ``model`` at the default k, on the CPU."""
+    (handle,) = run_node(nodes_by_id, "ProLoRAComputeBasis", model=model, subspace_rank=0, device="cpu", use_cache=cache)
+    return handle
+
+
+def node_project(nodes_by_id: dict[str, Any], bs: Any, bt: Any, lora: dict, mode: str) -> tuple[dict, str, str]:
+    """Match Modules (threshold 0, name pairing) then Project LoRA in ``mode``: (LoRA, match summary, report)."""
+    match, summary = run_node(nodes_by_id, "ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=lora, threshold=0.0, pairing="name")
+    out, report = run_node(nodes_by_id, "ProLoRAProjectLoRA", lora=lora, match=match, mode=mode, out_rank=0, rescale_to_source_norm=False)
+    return out, summary, report
+
+
+def node_transfer(nodes_by_id: dict[str, Any], src: Any, tgt: Any, lora: dict, mode: str) -> tuple[dict, str, str]:
+    """The three nodes from two models to the projected LoRA (:func:`node_project`)."""
+    return node_project(nodes_by_id, node_basis(nodes_by_id, src), node_basis(nodes_by_id, tgt), lora, mode)
+
+
+def default_k(m: int, n: int) -> int:
+    """The engine's default subspace rank for an ``m × n`` weight."""
+    return min(64, min(m, n) // 4)

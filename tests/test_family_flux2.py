@@ -126,23 +126,7 @@ applied = comfy_host.applied_by_comfyui
 _run = comfy_host.run_node
 
 
-def basis(nodes_by_id: dict[str, Any], model: Any) -> Any:
-    (handle,) = _run(nodes_by_id, "ProLoRAComputeBasis", model=model, subspace_rank=0, device="cpu", use_cache=False)
-    return handle
-
-
-def project(nodes_by_id: dict[str, Any], bs: Any, bt: Any, lora: dict, mode: str) -> tuple[dict, str, str]:
-    match, summary = _run(nodes_by_id, "ProLoRAMatchModules", source_basis=bs, target_basis=bt, lora=lora, threshold=0.0, pairing="name")
-    out, report = _run(nodes_by_id, "ProLoRAProjectLoRA", lora=lora, match=match, mode=mode, out_rank=0, rescale_to_source_norm=False)
-    return out, summary, report
-
-
-def transfer(nodes_by_id: dict[str, Any], src: Any, tgt: Any, lora: dict, mode: str) -> tuple[dict, str, str]:
-    return project(nodes_by_id, basis(nodes_by_id, src), basis(nodes_by_id, tgt), lora, mode)
-
-
-def default_k(m: int, n: int) -> int:
-    return min(64, min(m, n) // 4)
+basis, project, transfer, default_k = comfy_host.node_basis, comfy_host.node_project, comfy_host.node_transfer, comfy_host.default_k
 
 
 def not_loaded(caplog: pytest.LogCaptureFixture) -> list[str]:
