@@ -265,7 +265,8 @@ def engine_argv(a: dict, device: torch.device) -> list[str]:
     return ["transfer", "--source-base", str(folder / "source.safetensors"), "--target-base", str(folder / "target.safetensors"),
             "--lora", str(folder / a["lora"]), "--out", a["out"], "--report", a["report"], "--mode", a["mode"],
             "--threshold", str(a["threshold"]), "--cache-dir", a["cache"], "--device", device.type, "--pairing", a.get("pairing", "name"),
-            *(["--threads", str(a["cli_threads"])] if a.get("cli_threads") else [])]
+            *(["--threads", str(a["cli_threads"])] if a.get("cli_threads") else []),
+            *(["--key-map", a["key_map"]] if a.get("key_map") else [])]
 
 
 class Silence:
