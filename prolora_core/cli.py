@@ -324,10 +324,23 @@ def cmd_cache(args: argparse.Namespace) -> int:
         raise ProLoRAError("not a cache folder", file=root)
     if args.clear:
         print(f"cleared {root}: removed {cache.clear()} cache files" if root.is_dir() else f"{root}: empty")
+    elif args.max_gb is not None:
+        if args.max_gb < 0:
+            raise ProLoRAError(f"--max-gb must not be negative, got {args.max_gb:g}")
+        removed = cache.limit(args.max_gb) if root.is_dir() else 0
+        print(cache.describe(args.max_gb) + f"; removed the {removed} least recently used")
     else:
         print(f"{root}: {cache.size_bytes() / 2**20:.1f} MiB in {cache.entries()} bases (transfer keeps it under {DEFAULT_MAX_GB:g} GB unless "
               "--cache-max-mb says otherwise)" if root.exists() else f"{root}: empty")
     return 0
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number ≥ 0."""
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {n}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -379,11 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_similarity)
     i = sub.add_parser("inspect", help="what a LoRA file holds")
     i.add_argument("lora")
-    i.add_argument("--limit", type=int, default=20)
+    i.add_argument("--limit", type=_count, default=20, help="how many module names to list (default 20)")
     i.set_defaults(func=cmd_inspect)
-    c = sub.add_parser("cache", help="show or clear the basis cache")
+    c = sub.add_parser("cache", help="show, limit or clear the basis cache")
     c.add_argument("--cache-dir", default=None)
-    c.add_argument("--clear", action="store_true")
+    c.add_argument("--clear", action="store_true", help="remove every cache file (and nothing else)")
+    c.add_argument("--max-gb", type=float, default=None, help="remove the least recently used entries (full SVDs first) until the "
+                   "cache takes at most this many GB (2**30 bytes), as a transfer does after its run")
     c.set_defaults(func=cmd_cache)
     return ap
 

@@ -337,6 +337,11 @@ def test_inspect_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert info["ranks"] == [2, 3] and info["alphas"] == [2.0]
     assert info["dtype"] == "float32" and info["unknown_keys"] == [] and info["metadata_keys"] == ["ss_output_name"]
     assert info["module_names"] == sorted(lora_name(m, "underscore") for m in MODULES)
+    rc, out, err = run_main(["inspect", lora, "--limit", "1"], capsys)
+    assert rc == 0 and len(json.loads(out)["module_names"]) == 1, err
+    with pytest.raises(SystemExit) as exc:  # argparse refuses it, naming the option
+        run_main(["inspect", lora, "--limit", "-1"], capsys)
+    assert exc.value.code == 2 and "--limit: must be 0 or more" in capsys.readouterr().err
 
 
 def test_help_mentions_the_scope() -> None:
@@ -405,6 +410,17 @@ def test_cache_clear_removes_only_cache_files(tmp_path: Path, capsys: pytest.Cap
     for p in mine:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("not a cache file")
+    entries = len(list((root / "bases").rglob("*.safetensors")))
+    rc, stdout, err = run_main(["cache", "--cache-dir", root, "--max-gb", "1"], capsys)  # under the limit: nothing goes
+    assert rc == 0 and "removed the 0 least recently used" in stdout and f"in {entries} bases" in stdout, err
+    rc, _, err = run_main(["cache", "--cache-dir", root, "--max-gb", "-1"], capsys)
+    assert rc == 2 and "--max-gb must not be negative" in err, err
+    rc, stdout, err = run_main(["cache", "--cache-dir", root, "--max-gb", "0"], capsys)
+    assert rc == 0 and f"removed the {entries} least recently used" in stdout, err
+    assert not list((root / "bases").rglob("*.safetensors"))
+    assert all(p.read_text() == "not a cache file" for p in mine), "the limit removes only cache entries"
+    rc, _, err = run_main(argv, capsys)  # fill it again for --clear
+    assert rc == 0, err
     rc, stdout, err = run_main(["cache", "--cache-dir", root, "--clear"], capsys)
     assert rc == 0 and "cache files" in stdout, err
     assert not list((root / "bases").rglob("*.safetensors")) and not list((root / "files").glob("*.json"))
