@@ -286,12 +286,7 @@ def transfer_files(
         for ti, (target, run) in enumerate(zip(targets, runs)):
             results, stats = transfer(placed, plan, source, target, config, bases, progress, check_interrupt, full)  # type: ignore[arg-type]
             target.save_memo()
-            run.stats.svd_computed += stats.svd_computed
-            run.stats.bases_from_cache += stats.bases_from_cache
-            run.stats.full_svd_computed += stats.full_svd_computed
-            run.stats.full_bases_from_cache += stats.full_bases_from_cache
-            run.stats.seconds += stats.seconds
-            run.stats.worst_subspace_change = max(run.stats.worst_subspace_change, stats.worst_subspace_change)
+            run.stats.add(stats)
             said(f"ProLoRA {config.mode}, pairing {config.pairing}: {source.label} → {target.label}; bases computed {stats.svd_computed}, "
                  f"from cache {stats.bases_from_cache}"
                  + (f"; full source SVDs computed {stats.full_svd_computed}, from cache {stats.full_bases_from_cache}" if full is not None else "")

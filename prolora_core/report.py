@@ -201,3 +201,12 @@ class RunStats:
     full_bases_from_cache: int = 0  # … read from the basis cache or this run's memory instead
     seconds: float = 0.0
     worst_subspace_change: float = 0.0
+
+    def add(self, other: RunStats) -> None:
+        """Count ``other``'s run in this one: counts and seconds add, the worst change is the larger."""
+        self.svd_computed += other.svd_computed
+        self.bases_from_cache += other.bases_from_cache
+        self.full_svd_computed += other.full_svd_computed
+        self.full_bases_from_cache += other.full_bases_from_cache
+        self.seconds += other.seconds
+        self.worst_subspace_change = max(self.worst_subspace_change, other.worst_subspace_change)
