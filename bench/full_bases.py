@@ -36,7 +36,7 @@ def table() -> list[str]:
         fp16_w = 2 * sum(m * n for m, n in shapes)
         lines.append(f"| {name} | {len(shapes)} | {fp16_w / GB:.2f} GB | {sum(kept) / GB:.1f} GB | {max(kept) / 2**20:.0f} MB "
                      f"| {f32 / GB:.1f} GB | {f16 / GB:.1f} GB |")
-    lines.append(f"(GB = 2**30 bytes. In-memory budget per run: {DEFAULT_MEMORY_MB} MB, least recently used first out; "
+    lines.append(f"(GB = 2**30 bytes. In-memory budget per run: {DEFAULT_MEMORY_MB} MB, the first that fit are kept for the run; "
                  "on disk: the basis cache's size limit, --cache-max-gb, LRU after each run.)")
     return lines
 
