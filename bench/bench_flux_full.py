@@ -53,12 +53,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import BinaryIO
 
 from .bench_transfer import ROOT, fmt_s, log
 
 RMS, LORA_RANK, LORA_ALPHA, RHO, SEED = 0.02, 16, 16.0, 0.005, 0
-_ST = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float8_e4m3fn": "F8_E4M3"}
 
 
 def full_layout(family: str, blocks: int | None) -> list[tuple[str, tuple[int, ...]]]:
@@ -91,44 +89,6 @@ def is_lora_weight(family: str, key: str, shape: tuple[int, ...]) -> bool:
     from .shapes import BLOCKS
 
     return key.endswith(".weight") and len(shape) == 2 and key.startswith(tuple(p for p, _ in BLOCKS[family]))
-
-
-class Writer:
-    """A safetensors file written tensor by tensor in the order of ``entries`` (one dtype per entry):
-    header first (every shape is known), then each tensor's bytes; renamed into place on ``close``."""
-
-    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...], str]], metadata: dict[str, str]) -> None:
-        import torch
-
-        header: dict[str, object] = {"__metadata__": metadata}
-        off = 0
-        self.order: list[tuple[str, str]] = []
-        for key, shape, dtype in entries:
-            nbytes = torch.tensor([], dtype=getattr(torch, dtype)).element_size() * math.prod(shape)
-            header[key] = {"dtype": _ST[dtype], "shape": list(shape), "data_offsets": [off, off + nbytes]}
-            off += nbytes
-            self.order.append((key, dtype))
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.path, self.total, self.next = path, off, 0
-        self.tmp = path.with_name(path.name + ".partial")
-        self.fh: BinaryIO = open(self.tmp, "wb")
-        self.fh.write(struct.pack("<Q", len(raw)) + raw)
-
-    def write(self, key: str, t) -> None:  # t: torch.Tensor
-        import torch
-
-        want, dtype = self.order[self.next]
-        if key != want:
-            raise RuntimeError(f"expected {want}, got {key}")
-        self.fh.write(t.to(getattr(torch, dtype)).contiguous().view(torch.uint8).numpy().data)
-        self.next += 1
-
-    def close(self) -> None:
-        if self.next != len(self.order):
-            raise RuntimeError(f"{self.path}: {len(self.order) - self.next} tensors never written")
-        self.fh.close()
-        self.tmp.replace(self.path)
 
 
 #: one Gaussian pool (2^27 float32 samples, 512 MiB) from which every weight's noise is a window at a
@@ -166,6 +126,8 @@ def generate(folder: Path, family: str, layout: list[tuple[str, tuple[int, ...]]
     import torch
     from safetensors.torch import save_file
 
+    from .synth import StreamingSafetensors
+
     manifest = {"family": family, "source_dtype": source_dtype, "target_dtype": "float8_e4m3fn", "rank": LORA_RANK, "rho": RHO, "seed": SEED,
                 "layout": [[k, list(s)] for k, s in layout]}
     mpath = folder / "manifest.json"
@@ -175,9 +137,10 @@ def generate(folder: Path, family: str, layout: list[tuple[str, tuple[int, ...]]
     folder.mkdir(parents=True, exist_ok=True)
     mpath.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    src = Writer(folder / "source.safetensors", [(k, s, source_dtype) for k, s in layout], {"prolora_bench": "source"})
-    tgt = Writer(folder / "target.safetensors", [(k, s, "float8_e4m3fn" if len(s) >= 2 else source_dtype) for k, s in layout],
-                 {"prolora_bench": "target"})
+    src_dt = getattr(torch, source_dtype)
+    src = StreamingSafetensors(folder / "source.safetensors", layout, src_dt, {"prolora_bench": "source"})
+    tgt = StreamingSafetensors(folder / "target.safetensors", [(k, s, torch.float8_e4m3fn if len(s) >= 2 else src_dt) for k, s in layout],
+                               src_dt, {"prolora_bench": "target"})
     loras: dict[str, dict[str, torch.Tensor]] = {"lora_a": {}, "lora_b": {}}
     done = 0
     pool = noise_pool()

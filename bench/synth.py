@@ -27,6 +27,7 @@ import json
 import math
 import shutil
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -39,7 +40,7 @@ FORMAT_VERSION = 2
 RMS = 0.02
 LORA_RANK = 8
 LORA_ALPHA = 4.0
-_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float8_e4m3fn: "F8_E4M3"}
 
 
 def subspace_rank(m: int, n: int) -> int:
@@ -48,19 +49,22 @@ def subspace_rank(m: int, n: int) -> int:
 
 
 class StreamingSafetensors:
-    """Write a safetensors file tensor by tensor, in the order of ``entries``."""
+    """Write a safetensors file tensor by tensor, in the order of ``entries``: ``(key, shape)`` in
+    ``dtype``, or ``(key, shape, dtype)`` for an entry of its own dtype (header first, every shape
+    known; renamed into place on :meth:`close`)."""
 
-    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, metadata: dict[str, str] | None = None) -> None:
-        self.path, self.dtype = path, dtype
-        size = torch.tensor([], dtype=dtype).element_size()
+    def __init__(self, path: Path, entries: Sequence[tuple[str, tuple[int, ...]] | tuple[str, tuple[int, ...], torch.dtype]],
+                 dtype: torch.dtype, metadata: dict[str, str] | None = None) -> None:
+        self.path = path
         header: dict[str, object] = {"__metadata__": metadata or {}}
         off = 0
-        self.order: list[str] = []
-        for key, shape in entries:
-            nbytes = size * math.prod(shape)
-            header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        self.order: list[tuple[str, torch.dtype]] = []
+        for key, shape, *own in entries:
+            dt = own[0] if own else dtype
+            nbytes = torch.tensor([], dtype=dt).element_size() * math.prod(shape)
+            header[key] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [off, off + nbytes]}
             off += nbytes
-            self.order.append(key)
+            self.order.append((key, dt))
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self.total = off
@@ -71,9 +75,10 @@ class StreamingSafetensors:
         self.next = 0
 
     def write(self, key: str, t: torch.Tensor) -> None:
-        if key != self.order[self.next]:
-            raise RuntimeError(f"expected {self.order[self.next]}, got {key}")
-        self.fh.write(t.detach().to("cpu", self.dtype).contiguous().view(torch.uint8).numpy().data)
+        want, dt = self.order[self.next]
+        if key != want:
+            raise RuntimeError(f"expected {want}, got {key}")
+        self.fh.write(t.detach().to("cpu", dt).contiguous().view(torch.uint8).numpy().data)
         self.next += 1
 
     def close(self) -> None:
